@@ -1,0 +1,417 @@
+//! Typed settings: the embedded default, then `--config FILE`, then
+//! `HISPD__SECTION__KEY` environment variables. Every problem is collected
+//! and reported together, with its key and file, before anything starts.
+
+use crate::address::normalize_domain;
+use crate::agent::{self, Agent, AgentSettings, LocalDomain, OuterSubject, PrivateCredential};
+use crate::trust::AnchorSet;
+use serde::Deserialize;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+/// The annotated default configuration, compiled in.
+pub const DEFAULT_CONFIG: &str = include_str!("../conf/hispd.toml");
+
+/// One configuration problem.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigProblem {
+    pub key: String,
+    pub source: String,
+    pub message: String,
+}
+
+/// Every problem found, reported together.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<ConfigProblem>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "{} configuration problem(s):", self.0.len())?;
+        for p in &self.0 {
+            writeln!(f, "  {} ({}): {}", p.key, p.source, p.message)?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct RawSettings {
+    smime: RawSmime,
+    policy: RawPolicy,
+    certs: RawCerts,
+    #[serde(default)]
+    domains: Vec<RawDomain>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RawSmime {
+    cipher: String,
+    key_transport: String,
+    digest: String,
+    outer_subject: String,
+    outer_subject_text: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct RawPolicy {
+    min_rsa_bits: u32,
+    require_rcpt_in_headers: bool,
+}
+
+#[derive(Debug, Deserialize)]
+struct RawCerts {
+    dir: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct RawDomain {
+    name: String,
+    dir: Option<String>,
+    incoming_anchors: Option<Vec<String>>,
+    outgoing_anchors: Option<Vec<String>>,
+    #[serde(default)]
+    private: Vec<RawPrivate>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RawPrivate {
+    cert: Option<String>,
+    key: Option<String>,
+    pkcs12: Option<String>,
+    password: Option<String>,
+}
+
+/// A local domain as configured (paths resolved, nothing loaded yet).
+#[derive(Debug, Clone)]
+pub struct DomainConfig {
+    pub name: String,
+    pub dir: PathBuf,
+    pub incoming_anchors: Vec<PathBuf>,
+    pub outgoing_anchors: Vec<PathBuf>,
+    pub private: Vec<PrivateSource>,
+}
+
+#[derive(Debug, Clone)]
+pub enum PrivateSource {
+    Pem { cert: PathBuf, key: PathBuf },
+    Pkcs12 { file: PathBuf, password: String },
+}
+
+/// Validated settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub agent: AgentSettings,
+    pub certs_dir: PathBuf,
+    pub domains: Vec<DomainConfig>,
+    /// Where the settings came from, for messages.
+    pub source: String,
+}
+
+impl Settings {
+    /// Loads the embedded default, then `file`, then the environment.
+    pub fn load(file: Option<&Path>) -> Result<Settings, ConfigErrors> {
+        Self::load_with_env(file, std::env::vars())
+    }
+
+    pub fn load_with_env(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Settings, ConfigErrors> {
+        let source = file
+            .map(|f| f.display().to_string())
+            .unwrap_or_else(|| "embedded default".into());
+        let problem = |key: &str, message: String| ConfigProblem {
+            key: key.to_string(),
+            source: source.clone(),
+            message,
+        };
+        let mut builder = config::Config::builder()
+            .add_source(config::File::from_str(DEFAULT_CONFIG, config::FileFormat::Toml));
+        if let Some(f) = file {
+            if !f.is_file() {
+                return Err(ConfigErrors(vec![problem("--config", "file not found or not a regular file".into())]));
+            }
+            builder = builder.add_source(config::File::from(f).format(config::FileFormat::Toml));
+        }
+        let env_map: std::collections::HashMap<String, String> =
+            env.into_iter().filter(|(k, _)| k.starts_with("HISPD__")).collect();
+        builder = builder.add_source(
+            config::Environment::with_prefix("HISPD")
+                .prefix_separator("__")
+                .separator("__")
+                .try_parsing(true)
+                .source(Some(env_map)),
+        );
+        let raw: RawSettings = builder
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .map_err(|e| ConfigErrors(vec![problem("(parse)", e.to_string())]))?;
+
+        let base = file
+            .and_then(|f| f.parent())
+            .map(Path::to_path_buf)
+            .unwrap_or_default();
+        let resolve = |p: &str| {
+            let p = PathBuf::from(p);
+            if p.is_absolute() {
+                p
+            } else {
+                base.join(p)
+            }
+        };
+
+        let mut problems = Vec::new();
+        let cipher = raw
+            .smime
+            .cipher
+            .parse()
+            .map_err(|e| problems.push(problem("smime.cipher", e)))
+            .ok();
+        let key_transport = raw
+            .smime
+            .key_transport
+            .parse()
+            .map_err(|e| problems.push(problem("smime.key_transport", e)))
+            .ok();
+        let digest = raw
+            .smime
+            .digest
+            .parse()
+            .map_err(|e| problems.push(problem("smime.digest", e)))
+            .ok();
+        let outer_subject = match raw.smime.outer_subject.as_str() {
+            "hide" => {
+                let text = raw.smime.outer_subject_text.trim().to_string();
+                if text.contains(['\r', '\n']) {
+                    problems.push(problem("smime.outer_subject_text", "must be one line".into()));
+                }
+                Some(OuterSubject::Hide(text))
+            }
+            "copy" => Some(OuterSubject::Copy),
+            other => {
+                problems.push(problem(
+                    "smime.outer_subject",
+                    format!("{other:?} is not \"hide\" or \"copy\""),
+                ));
+                None
+            }
+        };
+        if raw.policy.min_rsa_bits < 2048 {
+            problems.push(problem(
+                "policy.min_rsa_bits",
+                format!("{} is below the Applicability Statement's minimum of 2048", raw.policy.min_rsa_bits),
+            ));
+        }
+        let certs_dir = resolve(&raw.certs.dir);
+        let mut domains: Vec<DomainConfig> = Vec::new();
+        for (i, d) in raw.domains.iter().enumerate() {
+            let key = |k: &str| format!("domains[{i}].{k}");
+            let name = match normalize_domain(&d.name) {
+                Ok(n) => n,
+                Err(why) => {
+                    problems.push(problem(&key("name"), format!("{:?}: {why}", d.name)));
+                    continue;
+                }
+            };
+            if domains.iter().any(|x| x.name == name) {
+                problems.push(problem(&key("name"), format!("{name} is configured twice")));
+                continue;
+            }
+            let dir = d.dir.as_deref().map(resolve).unwrap_or_else(|| certs_dir.join(&name));
+            let defaults = |sub: &str| vec![dir.join("anchors").join(sub), dir.join("anchors").join("both")];
+            let incoming_anchors = d
+                .incoming_anchors
+                .as_ref()
+                .map(|v| v.iter().map(|p| resolve(p)).collect())
+                .unwrap_or_else(|| defaults("incoming"));
+            let outgoing_anchors = d
+                .outgoing_anchors
+                .as_ref()
+                .map(|v| v.iter().map(|p| resolve(p)).collect())
+                .unwrap_or_else(|| defaults("outgoing"));
+            let mut private = Vec::new();
+            for (j, p) in d.private.iter().enumerate() {
+                let pkey = |k: &str| format!("domains[{i}].private[{j}].{k}");
+                match (&p.pkcs12, &p.cert, &p.key) {
+                    (Some(f), None, None) => private.push(PrivateSource::Pkcs12 {
+                        file: resolve(f),
+                        password: p.password.clone().unwrap_or_default(),
+                    }),
+                    (None, Some(c), Some(k)) => private.push(PrivateSource::Pem {
+                        cert: resolve(c),
+                        key: resolve(k),
+                    }),
+                    _ => problems.push(problem(
+                        &pkey("pkcs12"),
+                        "give either pkcs12 (+ password) or both cert and key".into(),
+                    )),
+                }
+            }
+            domains.push(DomainConfig {
+                name,
+                dir,
+                incoming_anchors,
+                outgoing_anchors,
+                private,
+            });
+        }
+        if !problems.is_empty() {
+            return Err(ConfigErrors(problems));
+        }
+        match (cipher, key_transport, digest, outer_subject) {
+            (Some(cipher), Some(key_transport), Some(digest), Some(outer_subject)) => Ok(Settings {
+                agent: AgentSettings {
+                    cipher,
+                    key_transport,
+                    digest,
+                    outer_subject,
+                    min_rsa_bits: raw.policy.min_rsa_bits,
+                    require_rcpt_in_headers: raw.policy.require_rcpt_in_headers,
+                },
+                certs_dir,
+                domains,
+                source,
+            }),
+            _ => Err(ConfigErrors(problems)),
+        }
+    }
+
+    /// Loads every domain's keys and anchors, reporting all problems together.
+    pub fn build_agent(&self) -> Result<Agent, ConfigErrors> {
+        let mut agent = Agent::new(self.agent.clone());
+        let mut problems = Vec::new();
+        for (i, d) in self.domains.iter().enumerate() {
+            let problem = |key: String, message: String| ConfigProblem {
+                key,
+                source: self.source.clone(),
+                message,
+            };
+            let mut credentials: Vec<PrivateCredential> = Vec::new();
+            let private_dir = d.dir.join("private");
+            if private_dir.is_dir() {
+                match agent::load_private_dir(&private_dir) {
+                    Ok(c) => credentials.extend(c),
+                    Err(e) => problems.push(problem(format!("domains[{i}] private"), e.to_string())),
+                }
+            }
+            for (j, p) in d.private.iter().enumerate() {
+                let loaded = match p {
+                    PrivateSource::Pem { cert, key } => {
+                        agent::load_pem_credentials(&[cert.as_path(), key.as_path()])
+                    }
+                    PrivateSource::Pkcs12 { file, password } => {
+                        agent::load_pkcs12(file, password).map(|c| vec![c])
+                    }
+                };
+                match loaded {
+                    Ok(c) => credentials.extend(c),
+                    Err(e) => problems.push(problem(format!("domains[{i}].private[{j}]"), e.to_string())),
+                }
+            }
+            if credentials.is_empty() {
+                problems.push(problem(
+                    format!("domains[{i}]"),
+                    format!(
+                        "{} has no private certificate (looked in {} and domains.private)",
+                        d.name,
+                        private_dir.display()
+                    ),
+                ));
+            }
+            let mut load_anchors = |paths: &[PathBuf], key: &str| {
+                let mut set = AnchorSet::new();
+                for p in paths {
+                    if !p.exists() {
+                        continue;
+                    }
+                    match AnchorSet::load(p) {
+                        Ok(s) => set.extend(&s),
+                        Err(e) => problems.push(problem(format!("domains[{i}].{key}"), e.to_string())),
+                    }
+                }
+                set
+            };
+            let incoming_anchors = load_anchors(&d.incoming_anchors, "incoming_anchors");
+            let outgoing_anchors = load_anchors(&d.outgoing_anchors, "outgoing_anchors");
+            if incoming_anchors.is_empty() && outgoing_anchors.is_empty() {
+                problems.push(problem(
+                    format!("domains[{i}]"),
+                    format!(
+                        "{} has no trust anchors (looked in {})",
+                        d.name,
+                        d.incoming_anchors
+                            .iter()
+                            .chain(&d.outgoing_anchors)
+                            .map(|p| p.display().to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                ));
+            }
+            agent.add_domain(LocalDomain {
+                name: d.name.clone(),
+                credentials,
+                incoming_anchors,
+                outgoing_anchors,
+            });
+        }
+        if problems.is_empty() {
+            Ok(agent)
+        } else {
+            Err(ConfigErrors(problems))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env() -> Vec<(String, String)> {
+        Vec::new()
+    }
+
+    #[test]
+    fn embedded_default_loads() {
+        let s = Settings::load_with_env(None, no_env()).unwrap();
+        assert_eq!(s.agent.cipher, crate::smime::ContentCipher::Aes256Cbc);
+        assert_eq!(s.agent.min_rsa_bits, 2048);
+        assert!(s.domains.is_empty());
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let env = vec![("HISPD__SMIME__CIPHER".to_string(), "aes-128-cbc".to_string())];
+        let s = Settings::load_with_env(None, env).unwrap();
+        assert_eq!(s.agent.cipher, crate::smime::ContentCipher::Aes128Cbc);
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_key_and_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.toml");
+        std::fs::write(
+            &path,
+            "[smime]\ncipher = \"des\"\ndigest = \"sha1\"\n[policy]\nmin_rsa_bits = 1024\n[[domains]]\nname = \"bad domain\"\n",
+        )
+        .unwrap();
+        let err = Settings::load_with_env(Some(&path), no_env()).unwrap_err();
+        let keys: Vec<&str> = err.0.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(keys, vec!["smime.cipher", "smime.digest", "policy.min_rsa_bits", "domains[0].name"]);
+        assert!(err.0.iter().all(|p| p.source == path.display().to_string()));
+    }
+
+    #[test]
+    fn missing_domain_material_is_reported_for_each_domain() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hispd.toml");
+        std::fs::write(&path, "[[domains]]\nname = \"a.example\"\n[[domains]]\nname = \"b.example\"\n").unwrap();
+        let settings = Settings::load_with_env(Some(&path), no_env()).unwrap();
+        assert_eq!(settings.domains[0].dir, dir.path().join("certs").join("a.example"));
+        let err = settings.build_agent().err().unwrap();
+        let text = err.to_string();
+        assert!(text.contains("a.example has no private certificate"), "{text}");
+        assert!(text.contains("b.example has no trust anchors"), "{text}");
+        assert_eq!(err.0.len(), 4, "{text}");
+    }
+}

@@ -1,0 +1,482 @@
+//! The `hispd` command line: parse arguments, call the library.
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use hispd::address::DirectAddress;
+use hispd::agent::{self, Agent, AgentError, LocalDomain, OpenRequest, PrivateCredential, SealRequest};
+use hispd::config::Settings;
+use hispd::pki::{self, KeyKind, LeafSpec};
+use hispd::trust::{self, AnchorSet};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "hispd", version, about = "A Direct-protocol HISP: S/MIME security and trust agent")]
+struct Cli {
+    /// Configuration file (TOML). Without it the embedded default is used.
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Issue a throwaway PKI for two domains, seal a sample C-CDA message from
+    /// one to the other, open it and print the report.
+    Demo {
+        /// Keep the demo PKI and messages in this directory.
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+        /// Print the reports as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Development certificates.
+    #[command(subcommand)]
+    Certs(CertsCommand),
+    /// Seal and open messages.
+    #[command(subcommand)]
+    Message(MessageCommand),
+    /// Configuration.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Subcommand)]
+enum CertsCommand {
+    /// Create a CA (a trust anchor) in DIR: cert.pem, key.pem.
+    NewCa {
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        #[arg(long, default_value = "hispd development CA")]
+        name: String,
+        #[arg(long, default_value_t = 2048)]
+        bits: u32,
+    },
+    /// Issue an address-bound or domain-bound certificate signed by the CA in --ca.
+    Issue {
+        #[arg(long, value_name = "DIR")]
+        ca: PathBuf,
+        #[arg(long, conflicts_with = "domain", required_unless_present = "domain")]
+        address: Option<String>,
+        #[arg(long)]
+        domain: Option<String>,
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        #[arg(long, default_value_t = 2048)]
+        bits: u32,
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+    },
+}
+
+#[derive(Args)]
+struct KeyArgs {
+    /// Private certificate (PEM; may also hold the key). Repeatable.
+    #[arg(long = "cert", value_name = "FILE")]
+    certs: Vec<PathBuf>,
+    /// Private key (PEM). Repeatable.
+    #[arg(long = "key", value_name = "FILE")]
+    keys: Vec<PathBuf>,
+    /// PKCS#12 file with certificate and key.
+    #[arg(long, value_name = "FILE")]
+    pkcs12: Option<PathBuf>,
+    /// Password of the PKCS#12 file.
+    #[arg(long, default_value = "")]
+    password: String,
+}
+
+#[derive(Subcommand)]
+enum MessageCommand {
+    /// Wrap, sign and encrypt a message read from stdin; write it to stdout.
+    Seal {
+        #[arg(long)]
+        from: String,
+        /// Recipients, comma-separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        to: Vec<String>,
+        #[arg(long, value_name = "FILE")]
+        sign_cert: Option<PathBuf>,
+        #[arg(long, value_name = "FILE")]
+        sign_key: Option<PathBuf>,
+        #[arg(long, value_name = "FILE")]
+        sign_pkcs12: Option<PathBuf>,
+        #[arg(long, default_value = "")]
+        password: String,
+        /// Recipient certificate (PEM or DER). Repeatable.
+        #[arg(long = "recipient-cert", value_name = "FILE", required = true)]
+        recipient_certs: Vec<PathBuf>,
+        /// Anchors (file or directory) that must trust the recipient
+        /// certificates. Without it, the given certificates are trusted as is.
+        #[arg(long, value_name = "PATH")]
+        anchors: Vec<PathBuf>,
+        /// aes-128-cbc or aes-256-cbc (default from the configuration).
+        #[arg(long)]
+        cipher: Option<String>,
+        /// rsa-pkcs1 or rsa-oaep (default from the configuration).
+        #[arg(long)]
+        key_transport: Option<String>,
+        /// Print the report on stderr.
+        #[arg(long)]
+        report: bool,
+    },
+    /// Decrypt, verify and unwrap a message read from stdin; write the
+    /// protected message to stdout. Exits 1 with the reason if not trusted.
+    Open {
+        #[command(flatten)]
+        keys: KeyArgs,
+        /// Anchors (file or directory) that must trust the signer. Repeatable.
+        #[arg(long, value_name = "PATH")]
+        anchors: Vec<PathBuf>,
+        /// Judge validity as of this time (RFC 3339), e.g. for old messages.
+        #[arg(long, value_name = "RFC3339")]
+        at: Option<String>,
+        /// Print a JSON report on stdout instead of the message.
+        #[arg(long)]
+        json: bool,
+        /// Write the message to FILE (useful with --json).
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+        /// SMTP envelope sender to check against From/Sender.
+        #[arg(long)]
+        mail_from: Option<String>,
+        /// SMTP envelope recipients (comma-separated) to check against To/Cc.
+        #[arg(long, value_delimiter = ',')]
+        rcpt_to: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Load the configuration and every key and anchor it names; report all problems.
+    Check,
+}
+
+/// A refusal by the agent: exit status 1 and the reason on one line.
+struct Refused(AgentError);
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            if let Some(Refused(reason)) = e.downcast_ref::<Refused>() {
+                eprintln!("hispd: refused [{}]: {}", reason.rule(), reason);
+                return ExitCode::from(1);
+            }
+            eprintln!("hispd: error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+impl std::fmt::Debug for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.0)
+    }
+}
+impl std::error::Error for Refused {}
+
+fn read_stdin() -> Result<Vec<u8>> {
+    let mut data = Vec::new();
+    std::io::stdin().read_to_end(&mut data).context("reading the message from stdin")?;
+    if data.is_empty() {
+        bail!("no message on stdin");
+    }
+    Ok(data)
+}
+
+fn settings(cli_config: Option<&Path>) -> Result<Settings> {
+    Settings::load(cli_config).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    let config = cli.config.as_deref();
+    match cli.command {
+        Command::Demo { out, json } => demo(out.as_deref(), json),
+        Command::Certs(CertsCommand::NewCa { out, name, bits }) => {
+            let ca = pki::new_ca(&name, pki::check_bits(bits)?)?;
+            pki::save(&ca, &out)?;
+            println!("CA \"{}\" written to {}", trust::subject(&ca.cert), out.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Certs(CertsCommand::Issue {
+            ca,
+            address,
+            domain,
+            out,
+            bits,
+            days,
+        }) => {
+            let ca = pki::load(&ca)?;
+            let spec = match (address, domain) {
+                (Some(a), _) => LeafSpec::address(&DirectAddress::parse(&a)?.to_string()),
+                (None, Some(d)) => LeafSpec::domain(
+                    &hispd::address::normalize_domain(&d).map_err(|why| anyhow::anyhow!("--domain {d:?}: {why}"))?,
+                ),
+                (None, None) => bail!("give --address or --domain"),
+            };
+            let spec = LeafSpec {
+                key: KeyKind::Rsa(pki::check_bits(bits)?),
+                ..spec.days(days)
+            };
+            let cred = pki::issue(&ca, &spec)?;
+            pki::save(&cred, &out)?;
+            println!("certificate \"{}\" written to {}", trust::subject(&cred.cert), out.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Message(MessageCommand::Seal {
+            from,
+            to,
+            sign_cert,
+            sign_key,
+            sign_pkcs12,
+            password,
+            recipient_certs,
+            anchors,
+            cipher,
+            key_transport,
+            report,
+        }) => {
+            let mut settings = settings(config)?;
+            if let Some(c) = cipher {
+                settings.agent.cipher = c.parse().map_err(|e: String| anyhow::anyhow!("--cipher: {e}"))?;
+            }
+            if let Some(k) = key_transport {
+                settings.agent.key_transport =
+                    k.parse().map_err(|e: String| anyhow::anyhow!("--key-transport: {e}"))?;
+            }
+            let from = DirectAddress::parse(&from)?;
+            let recipients = to
+                .iter()
+                .map(|t| DirectAddress::parse(t))
+                .collect::<Result<Vec<_>, _>>()?;
+            let mut certs = Vec::new();
+            for f in &recipient_certs {
+                certs.extend(trust::read_certificates(f)?);
+            }
+            let keys = KeyArgs {
+                certs: sign_cert.into_iter().collect(),
+                keys: sign_key.into_iter().collect(),
+                pkcs12: sign_pkcs12,
+                password,
+            };
+            let message = read_stdin()?;
+            let agent = Agent::new(settings.agent.clone());
+            let request = SealRequest {
+                from: from.clone(),
+                recipients,
+                message: &message,
+                recipient_certificates: certs.clone(),
+                at: agent::now(),
+            };
+            let sealed = if keys.is_empty() {
+                let agent = settings.build_agent().map_err(|e| anyhow::anyhow!("{e}"))?;
+                agent.seal(request)
+            } else {
+                let outgoing = if anchors.is_empty() {
+                    eprintln!("hispd: no --anchors: the recipient certificates are trusted as given");
+                    AnchorSet::from_certs(certs, Path::new("--recipient-cert"))
+                } else {
+                    load_anchors(&anchors)?
+                };
+                let domain = LocalDomain {
+                    name: from.domain().to_string(),
+                    credentials: keys.load()?,
+                    incoming_anchors: AnchorSet::new(),
+                    outgoing_anchors: outgoing,
+                };
+                agent.seal_for_domain(&domain, request)
+            }
+            .map_err(Refused)?;
+            std::io::stdout().write_all(&sealed.message)?;
+            if report {
+                eprint!("{}", sealed.report.summary());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Message(MessageCommand::Open {
+            keys,
+            anchors,
+            at,
+            json,
+            out,
+            mail_from,
+            rcpt_to,
+        }) => {
+            let settings = settings(config)?;
+            let at = match at {
+                Some(t) => chrono::DateTime::parse_from_rfc3339(&t)
+                    .with_context(|| format!("--at {t:?} is not an RFC 3339 time"))?
+                    .timestamp(),
+                None => agent::now(),
+            };
+            let rcpt_to = rcpt_to
+                .iter()
+                .map(|r| DirectAddress::parse(r))
+                .collect::<Result<Vec<_>, _>>()?;
+            let message = read_stdin()?;
+            let request = OpenRequest {
+                message: &message,
+                mail_from,
+                rcpt_to,
+                at,
+            };
+            let result = if keys.is_empty() {
+                if config.is_none() {
+                    bail!("give --cert/--key or --pkcs12 with --anchors, or --config");
+                }
+                let agent = settings.build_agent().map_err(|e| anyhow::anyhow!("{e}"))?;
+                agent.open(request)
+            } else {
+                if anchors.is_empty() {
+                    bail!("--anchors is required with --cert/--key or --pkcs12");
+                }
+                let credentials = keys.load()?;
+                let name = credentials
+                    .iter()
+                    .flat_map(|c| c.bindings.iter())
+                    .map(|b| match b {
+                        trust::Binding::Address(a) => a.rsplit('@').next().unwrap_or(a).to_string(),
+                        trust::Binding::Domain(d) => d.clone(),
+                    })
+                    .next()
+                    .unwrap_or_else(|| "(command line)".into());
+                let incoming = load_anchors(&anchors)?;
+                let domain = LocalDomain {
+                    name,
+                    credentials,
+                    incoming_anchors: incoming,
+                    outgoing_anchors: AnchorSet::new(),
+                };
+                Agent::new(settings.agent.clone()).open_for_domain(&domain, request)
+            };
+            match result {
+                Ok(opened) => {
+                    if let Some(path) = &out {
+                        std::fs::write(path, &opened.message).with_context(|| format!("writing {}", path.display()))?;
+                    }
+                    if json {
+                        let value = serde_json::json!({"trusted": true, "report": opened.report});
+                        println!("{}", serde_json::to_string_pretty(&value)?);
+                    } else if out.is_none() {
+                        std::io::stdout().write_all(&opened.message)?;
+                    }
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    if json {
+                        let value = serde_json::json!({"trusted": false, "rule": e.rule(), "reason": e.to_string()});
+                        println!("{}", serde_json::to_string_pretty(&value)?);
+                    }
+                    Err(Refused(e).into())
+                }
+            }
+        }
+        Command::Config(ConfigCommand::Check) => {
+            let settings = settings(config)?;
+            let agent = settings.build_agent().map_err(|e| anyhow::anyhow!("{e}"))?;
+            println!("configuration from {} is valid", settings.source);
+            for d in agent.domains.values() {
+                println!(
+                    "  {}: {} private certificate(s), {} incoming anchor(s), {} outgoing anchor(s)",
+                    d.name,
+                    d.credentials.len(),
+                    d.incoming_anchors.len(),
+                    d.outgoing_anchors.len()
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+impl KeyArgs {
+    fn is_empty(&self) -> bool {
+        self.certs.is_empty() && self.keys.is_empty() && self.pkcs12.is_none()
+    }
+
+    fn load(&self) -> Result<Vec<PrivateCredential>> {
+        let mut out = Vec::new();
+        if let Some(p) = &self.pkcs12 {
+            out.push(agent::load_pkcs12(p, &self.password)?);
+        }
+        let pem: Vec<&Path> = self.certs.iter().chain(&self.keys).map(PathBuf::as_path).collect();
+        if !pem.is_empty() {
+            out.extend(load_credentials_der_or_pem(&self.certs, &self.keys)?);
+        }
+        Ok(out)
+    }
+}
+
+/// Certificates may be DER (as the reference implementations ship them) and
+/// keys PKCS#8 DER; convert to the PEM loader's input.
+fn load_credentials_der_or_pem(certs: &[PathBuf], keys: &[PathBuf]) -> Result<Vec<PrivateCredential>> {
+    let mut cert_list = Vec::new();
+    for c in certs {
+        cert_list.extend(trust::read_certificates(c)?);
+    }
+    let mut out = Vec::new();
+    let key_files: Vec<&PathBuf> = if keys.is_empty() { certs.iter().collect() } else { keys.iter().collect() };
+    for k in key_files {
+        let data = std::fs::read(k).with_context(|| format!("reading {}", k.display()))?;
+        let key = if data.windows(11).any(|w| w == b"-----BEGIN ") {
+            openssl::pkey::PKey::private_key_from_pem(&data)
+        } else {
+            openssl::pkey::PKey::private_key_from_der(&data)
+        }
+        .map_err(|e| anyhow::anyhow!("{}: not a private key (PEM or DER): {e}", k.display()))?;
+        let leaf = cert_list
+            .iter()
+            .find(|c| c.public_key().map(|p| p.public_eq(&key)).unwrap_or(false))
+            .cloned()
+            .ok_or_else(|| anyhow::anyhow!("{}: no given certificate matches this key", k.display()))?;
+        out.push(PrivateCredential::new(
+            pki::Credential {
+                cert: leaf,
+                key,
+                chain: Vec::new(),
+            },
+            k.display().to_string(),
+        ));
+    }
+    Ok(out)
+}
+
+fn load_anchors(paths: &[PathBuf]) -> Result<AnchorSet> {
+    let mut set = AnchorSet::new();
+    for p in paths {
+        set.extend(&AnchorSet::load(p)?);
+    }
+    Ok(set)
+}
+
+fn demo(out: Option<&Path>, json: bool) -> Result<ExitCode> {
+    let outcome = hispd::demo::run(out)?;
+    if let Some(dir) = out {
+        std::fs::write(dir.join("original.eml"), hispd::demo::sample_message())?;
+        std::fs::write(dir.join("sealed.eml"), &outcome.sealed)?;
+        std::fs::write(dir.join("opened.eml"), &outcome.opened)?;
+    }
+    if json {
+        let value = serde_json::json!({"seal": outcome.seal_report, "open": outcome.open_report});
+        println!("{}", serde_json::to_string_pretty(&value)?);
+    } else {
+        println!("hispd demo: {} -> {}\n", hispd::demo::SENDER, hispd::demo::RECIPIENT);
+        print!("{}", outcome.seal_report.summary());
+        println!("  sealed message: {} bytes\n", outcome.sealed.len());
+        print!("{}", outcome.open_report.summary());
+        println!("  opened message: {} bytes, carrying the C-CDA", outcome.opened.len());
+        if let Some(dir) = out {
+            println!("\nPKI and messages written to {}", dir.display());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

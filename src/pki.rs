@@ -1,0 +1,339 @@
+//! A development PKI: a CA and Direct certificates with the extensions the
+//! Applicability Statement and the Certificate Policy expect. For test
+//! systems, demos and interop testing, not for production trust.
+
+use openssl::asn1::{Asn1Integer, Asn1Time};
+use openssl::bn::{BigNum, MsbOption};
+use openssl::ec::{EcGroup, EcKey};
+use openssl::error::ErrorStack;
+use openssl::hash::MessageDigest;
+use openssl::nid::Nid;
+use openssl::pkey::{PKey, Private};
+use openssl::rsa::Rsa;
+use openssl::x509::extension::{
+    AuthorityKeyIdentifier, BasicConstraints, ExtendedKeyUsage, KeyUsage, SubjectAlternativeName,
+    SubjectKeyIdentifier,
+};
+use openssl::x509::{X509Builder, X509NameBuilder, X509};
+use std::fs;
+use std::path::{Path, PathBuf};
+
+/// A certificate with its private key and the chain above it (not including the anchor).
+#[derive(Clone)]
+pub struct Credential {
+    pub cert: X509,
+    pub key: PKey<Private>,
+    pub chain: Vec<X509>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    #[error("OpenSSL failed while building a certificate: {0}")]
+    OpenSsl(#[from] ErrorStack),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {what}")]
+    BadFile { path: PathBuf, what: String },
+    #[error("RSA key size {0} is not allowed: choose 2048, 3072 or 4096")]
+    KeySize(u32),
+}
+
+/// The public key algorithm of a new certificate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyKind {
+    Rsa(u32),
+    EcP256,
+    EcP384,
+}
+
+/// What to put in a leaf certificate. The defaults make a conforming Direct
+/// certificate; tests change single fields to make non-conforming ones.
+#[derive(Clone, Debug)]
+pub struct LeafSpec {
+    pub common_name: String,
+    /// Email address placed in the subject DN (not a binding by itself).
+    pub subject_email: Option<String>,
+    pub san_emails: Vec<String>,
+    pub san_dns: Vec<String>,
+    pub key: KeyKind,
+    /// Seconds relative to now.
+    pub not_before_offset: i64,
+    pub not_after_offset: i64,
+    pub digital_signature: bool,
+    pub key_encipherment: bool,
+}
+
+impl LeafSpec {
+    fn base(cn: &str) -> LeafSpec {
+        LeafSpec {
+            common_name: cn.to_string(),
+            subject_email: None,
+            san_emails: Vec::new(),
+            san_dns: Vec::new(),
+            key: KeyKind::Rsa(2048),
+            not_before_offset: -3600,
+            not_after_offset: 365 * 86400,
+            digital_signature: true,
+            key_encipherment: true,
+        }
+    }
+
+    /// An address-bound certificate: subjectAltName rfc822Name = address.
+    pub fn address(address: &str) -> LeafSpec {
+        LeafSpec {
+            subject_email: Some(address.to_string()),
+            san_emails: vec![address.to_string()],
+            ..LeafSpec::base(address)
+        }
+    }
+
+    /// A domain-bound certificate: subjectAltName dNSName = domain.
+    pub fn domain(domain: &str) -> LeafSpec {
+        LeafSpec {
+            san_dns: vec![domain.to_string()],
+            ..LeafSpec::base(domain)
+        }
+    }
+
+    pub fn days(mut self, days: u32) -> LeafSpec {
+        self.not_after_offset = i64::from(days) * 86400;
+        self
+    }
+}
+
+fn new_key(kind: KeyKind) -> Result<PKey<Private>, PkiError> {
+    Ok(match kind {
+        KeyKind::Rsa(bits) => PKey::from_rsa(Rsa::generate(bits)?)?,
+        KeyKind::EcP256 => {
+            let group = EcGroup::from_curve_name(Nid::X9_62_PRIME256V1)?;
+            PKey::from_ec_key(EcKey::generate(&group)?)?
+        }
+        KeyKind::EcP384 => {
+            let group = EcGroup::from_curve_name(Nid::SECP384R1)?;
+            PKey::from_ec_key(EcKey::generate(&group)?)?
+        }
+    })
+}
+
+fn serial() -> Result<Asn1Integer, ErrorStack> {
+    let mut bn = BigNum::new()?;
+    bn.rand(127, MsbOption::MAYBE_ZERO, false)?;
+    bn.to_asn1_integer()
+}
+
+fn time(offset_secs: i64) -> Result<Asn1Time, ErrorStack> {
+    let now = chrono::Utc::now().timestamp();
+    Asn1Time::from_unix(now + offset_secs)
+}
+
+/// A new self-signed CA (an anchor), valid ten years.
+pub fn new_ca(common_name: &str, bits: u32) -> Result<Credential, PkiError> {
+    let key = new_key(KeyKind::Rsa(bits))?;
+    let mut name = X509NameBuilder::new()?;
+    name.append_entry_by_nid(Nid::COMMONNAME, common_name)?;
+    name.append_entry_by_nid(Nid::ORGANIZATIONNAME, "hispd development PKI")?;
+    let name = name.build();
+    let mut b = X509Builder::new()?;
+    b.set_version(2)?;
+    let serial_number = serial()?;
+    b.set_serial_number(&serial_number)?;
+    b.set_subject_name(&name)?;
+    b.set_issuer_name(&name)?;
+    b.set_pubkey(&key)?;
+    let (not_before, not_after) = (time(-3600)?, time(10 * 365 * 86400)?);
+    b.set_not_before(&not_before)?;
+    b.set_not_after(&not_after)?;
+    b.append_extension(BasicConstraints::new().critical().ca().build()?)?;
+    b.append_extension(KeyUsage::new().critical().key_cert_sign().crl_sign().build()?)?;
+    let ski = SubjectKeyIdentifier::new().build(&b.x509v3_context(None, None))?;
+    b.append_extension(ski)?;
+    b.sign(&key, MessageDigest::sha256())?;
+    Ok(Credential {
+        cert: b.build(),
+        key,
+        chain: Vec::new(),
+    })
+}
+
+/// A leaf certificate signed by `ca` as `spec` describes.
+pub fn issue(ca: &Credential, spec: &LeafSpec) -> Result<Credential, PkiError> {
+    let key = new_key(spec.key)?;
+    let mut name = X509NameBuilder::new()?;
+    name.append_entry_by_nid(Nid::COMMONNAME, &spec.common_name)?;
+    if let Some(email) = &spec.subject_email {
+        name.append_entry_by_nid(Nid::PKCS9_EMAILADDRESS, email)?;
+    }
+    let name = name.build();
+    let mut b = X509Builder::new()?;
+    b.set_version(2)?;
+    let serial_number = serial()?;
+    b.set_serial_number(&serial_number)?;
+    b.set_subject_name(&name)?;
+    b.set_issuer_name(ca.cert.subject_name())?;
+    b.set_pubkey(&key)?;
+    let (not_before, not_after) = (time(spec.not_before_offset)?, time(spec.not_after_offset)?);
+    b.set_not_before(&not_before)?;
+    b.set_not_after(&not_after)?;
+    b.append_extension(BasicConstraints::new().critical().build()?)?;
+    let mut ku = KeyUsage::new();
+    ku.critical();
+    if spec.digital_signature {
+        ku.digital_signature();
+    }
+    if spec.key_encipherment {
+        ku.key_encipherment();
+    }
+    if spec.digital_signature || spec.key_encipherment {
+        b.append_extension(ku.build()?)?;
+    }
+    b.append_extension(ExtendedKeyUsage::new().email_protection().build()?)?;
+    if !spec.san_emails.is_empty() || !spec.san_dns.is_empty() {
+        let mut san = SubjectAlternativeName::new();
+        for e in &spec.san_emails {
+            san.email(e);
+        }
+        for d in &spec.san_dns {
+            san.dns(d);
+        }
+        let ext = san.build(&b.x509v3_context(Some(&ca.cert), None))?;
+        b.append_extension(ext)?;
+    }
+    let ski = SubjectKeyIdentifier::new().build(&b.x509v3_context(Some(&ca.cert), None))?;
+    b.append_extension(ski)?;
+    let aki = AuthorityKeyIdentifier::new()
+        .keyid(false)
+        .build(&b.x509v3_context(Some(&ca.cert), None))?;
+    b.append_extension(aki)?;
+    b.sign(&ca.key, MessageDigest::sha256())?;
+    let mut chain = ca.chain.clone();
+    if ca.cert.subject_name().to_der()? != ca.cert.issuer_name().to_der()? {
+        chain.insert(0, ca.cert.clone());
+    }
+    Ok(Credential {
+        cert: b.build(),
+        key,
+        chain,
+    })
+}
+
+/// Checks an RSA size given on the command line.
+pub fn check_bits(bits: u32) -> Result<u32, PkiError> {
+    match bits {
+        2048 | 3072 | 4096 => Ok(bits),
+        other => Err(PkiError::KeySize(other)),
+    }
+}
+
+fn write(path: &Path, data: &[u8]) -> Result<(), PkiError> {
+    fs::write(path, data).map_err(|source| PkiError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, PkiError> {
+    fs::read(path).map_err(|source| PkiError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Writes `cert.pem` (the certificate, then its chain) and `key.pem` (PKCS#8, mode 0600).
+pub fn save(cred: &Credential, dir: &Path) -> Result<(), PkiError> {
+    fs::create_dir_all(dir).map_err(|source| PkiError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let mut pem = cred.cert.to_pem()?;
+    for c in &cred.chain {
+        pem.extend(c.to_pem()?);
+    }
+    write(&dir.join("cert.pem"), &pem)?;
+    let key_path = dir.join("key.pem");
+    write(&key_path, &cred.key.private_key_to_pem_pkcs8()?)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&key_path, fs::Permissions::from_mode(0o600)).map_err(|source| {
+            PkiError::Io {
+                path: key_path.clone(),
+                source,
+            }
+        })?;
+    }
+    Ok(())
+}
+
+/// Reads what `save` wrote.
+pub fn load(dir: &Path) -> Result<Credential, PkiError> {
+    let cert_path = dir.join("cert.pem");
+    let key_path = dir.join("key.pem");
+    let certs = X509::stack_from_pem(&read(&cert_path)?).map_err(|e| PkiError::BadFile {
+        path: cert_path.clone(),
+        what: format!("not PEM certificates: {e}"),
+    })?;
+    let mut certs = certs.into_iter();
+    let cert = certs.next().ok_or_else(|| PkiError::BadFile {
+        path: cert_path.clone(),
+        what: "no certificate in the file".into(),
+    })?;
+    let key = PKey::private_key_from_pem(&read(&key_path)?).map_err(|e| PkiError::BadFile {
+        path: key_path.clone(),
+        what: format!("not a PEM private key: {e}"),
+    })?;
+    if !cert.public_key()?.public_eq(&key) {
+        return Err(PkiError::BadFile {
+            path: key_path,
+            what: "this key does not belong to the certificate in cert.pem".into(),
+        });
+    }
+    Ok(Credential {
+        cert,
+        key,
+        chain: certs.collect(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn issued_leaf_has_direct_extensions_and_chains() {
+        let ca = new_ca("Test CA", 2048).unwrap();
+        let leaf = issue(&ca, &LeafSpec::address("alice@a.example")).unwrap();
+        let emails: Vec<String> = leaf
+            .cert
+            .subject_alt_names()
+            .unwrap()
+            .iter()
+            .filter_map(|n| n.email().map(str::to_string))
+            .collect();
+        assert_eq!(emails, vec!["alice@a.example"]);
+        assert!(leaf.cert.verify(&ca.cert.public_key().unwrap()).unwrap());
+        assert_eq!(leaf.cert.signature_algorithm().object().nid(), Nid::SHA256WITHRSAENCRYPTION);
+        assert!(leaf.chain.is_empty(), "a self-signed CA is the anchor, not chain");
+    }
+
+    #[test]
+    fn save_and_load_round_trip_and_mismatch_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = new_ca("Test CA", 2048).unwrap();
+        save(&ca, dir.path()).unwrap();
+        let back = load(dir.path()).unwrap();
+        assert_eq!(back.cert.to_der().unwrap(), ca.cert.to_der().unwrap());
+        let other = new_ca("Other", 2048).unwrap();
+        fs::write(dir.path().join("key.pem"), other.key.private_key_to_pem_pkcs8().unwrap()).unwrap();
+        let err = load(dir.path()).err().unwrap().to_string();
+        assert!(err.contains("does not belong"), "{err}");
+    }
+
+    #[test]
+    fn key_sizes_outside_the_policy_are_refused() {
+        assert!(check_bits(1024).is_err());
+        assert_eq!(check_bits(3072).unwrap(), 3072);
+    }
+}

@@ -1,0 +1,375 @@
+//! The little MIME that S/MIME needs, kept byte-exact: splitting an entity
+//! into headers and body, reading Content-Type parameters, cutting a
+//! multipart body into the exact bytes of its parts (a signature covers those
+//! bytes), and writing canonical CRLF text.
+
+use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
+use base64::engine::DecodePaddingMode;
+use base64::{alphabet, Engine};
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum MimeError {
+    #[error("the message is empty")]
+    Empty,
+    #[error("the header section never ends (no empty line before the body)")]
+    NoBody,
+    #[error("malformed header line {0:?}")]
+    BadHeader(String),
+    #[error("multipart body has no boundary parameter")]
+    NoBoundary,
+    #[error("multipart body has no part delimited by boundary {0:?}")]
+    NoParts(String),
+    #[error("multipart body is truncated: no closing delimiter --{0}--")]
+    Unterminated(String),
+    #[error("base64 content is corrupt: {0}")]
+    Base64(String),
+}
+
+/// One header field, unfolded.
+#[derive(Clone, Debug)]
+pub struct Header {
+    pub name: String,
+    pub value: String,
+    /// The raw bytes of the field including its line ending(s).
+    pub raw: Vec<u8>,
+}
+
+/// A MIME entity (a whole message or one body part), borrowing its bytes.
+#[derive(Debug)]
+pub struct Entity<'a> {
+    pub headers: Vec<Header>,
+    pub body: &'a [u8],
+}
+
+/// A parsed Content-Type: lower-case `type/subtype` and parameters (names lower-case).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ContentType {
+    pub mime_type: String,
+    pub params: Vec<(String, String)>,
+}
+
+impl ContentType {
+    pub fn param(&self, name: &str) -> Option<&str> {
+        self.params
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn is(&self, mime_type: &str) -> bool {
+        self.mime_type.eq_ignore_ascii_case(mime_type)
+    }
+}
+
+/// Splits bytes into lines, each including its terminator (CRLF, LF).
+fn lines(data: &[u8]) -> impl Iterator<Item = &[u8]> {
+    data.split_inclusive(|&b| b == b'\n')
+}
+
+fn trim_eol(line: &[u8]) -> &[u8] {
+    let line = line.strip_suffix(b"\n").unwrap_or(line);
+    line.strip_suffix(b"\r").unwrap_or(line)
+}
+
+impl<'a> Entity<'a> {
+    pub fn parse(data: &'a [u8]) -> Result<Entity<'a>, MimeError> {
+        if data.iter().all(|b| b.is_ascii_whitespace()) {
+            return Err(MimeError::Empty);
+        }
+        let mut headers: Vec<Header> = Vec::new();
+        let mut offset = 0usize;
+        for line in lines(data) {
+            let start = offset;
+            offset += line.len();
+            let content = trim_eol(line);
+            if content.is_empty() {
+                return Ok(Entity {
+                    headers,
+                    body: &data[offset..],
+                });
+            }
+            if !line.ends_with(b"\n") {
+                break;
+            }
+            if content[0] == b' ' || content[0] == b'\t' {
+                match headers.last_mut() {
+                    Some(h) => {
+                        h.value.push(' ');
+                        h.value.push_str(String::from_utf8_lossy(content).trim());
+                        h.raw.extend_from_slice(&data[start..offset]);
+                    }
+                    None => return Err(MimeError::BadHeader(String::from_utf8_lossy(content).into())),
+                }
+                continue;
+            }
+            let colon = content
+                .iter()
+                .position(|&b| b == b':')
+                .ok_or_else(|| MimeError::BadHeader(String::from_utf8_lossy(content).chars().take(80).collect()))?;
+            let name = String::from_utf8_lossy(&content[..colon]).trim().to_string();
+            if name.is_empty() || name.bytes().any(|b| !(33..=126).contains(&b)) {
+                return Err(MimeError::BadHeader(String::from_utf8_lossy(content).chars().take(80).collect()));
+            }
+            headers.push(Header {
+                name,
+                value: String::from_utf8_lossy(&content[colon + 1..]).trim().to_string(),
+                raw: data[start..offset].to_vec(),
+            });
+        }
+        Err(MimeError::NoBody)
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| h.value.as_str())
+    }
+
+    /// The Content-Type, defaulting to `text/plain` as RFC 2045 says.
+    pub fn content_type(&self) -> ContentType {
+        self.header("Content-Type")
+            .map(parse_content_type)
+            .unwrap_or_else(|| ContentType {
+                mime_type: "text/plain".into(),
+                params: Vec::new(),
+            })
+    }
+
+    /// The body with its Content-Transfer-Encoding undone (base64 only; other
+    /// encodings are returned as they are, which is what CMS needs).
+    pub fn decoded_body(&self) -> Result<Vec<u8>, MimeError> {
+        let cte = self
+            .header("Content-Transfer-Encoding")
+            .unwrap_or("7bit")
+            .trim()
+            .to_ascii_lowercase();
+        if cte == "base64" {
+            decode_base64(self.body)
+        } else {
+            Ok(self.body.to_vec())
+        }
+    }
+
+    /// The exact bytes of each part of a multipart body (RFC 2046 §5.1.1: the
+    /// line break before a delimiter belongs to the delimiter).
+    pub fn multipart_parts(&self) -> Result<Vec<&'a [u8]>, MimeError> {
+        let ct = self.content_type();
+        let boundary = ct.param("boundary").ok_or(MimeError::NoBoundary)?.to_string();
+        split_multipart(self.body, &boundary)
+    }
+}
+
+pub fn split_multipart<'a>(body: &'a [u8], boundary: &str) -> Result<Vec<&'a [u8]>, MimeError> {
+    let delimiter = format!("--{boundary}");
+    let mut parts = Vec::new();
+    let mut current_start: Option<usize> = None;
+    let mut offset = 0usize;
+    let mut closed = false;
+    for line in lines(body) {
+        let start = offset;
+        offset += line.len();
+        let content = trim_eol(line);
+        let Some(rest) = content.strip_prefix(delimiter.as_bytes()) else {
+            continue;
+        };
+        let is_close = rest.starts_with(b"--");
+        let trailing = if is_close { &rest[2..] } else { rest };
+        if !trailing.iter().all(|b| *b == b' ' || *b == b'\t') {
+            continue;
+        }
+        if let Some(part_start) = current_start.take() {
+            // Drop the line break that precedes the delimiter.
+            let mut end = start;
+            if end > part_start && body[end - 1] == b'\n' {
+                end -= 1;
+                if end > part_start && body[end - 1] == b'\r' {
+                    end -= 1;
+                }
+            }
+            parts.push(&body[part_start..end.max(part_start)]);
+        }
+        if is_close {
+            closed = true;
+            break;
+        }
+        current_start = Some(offset);
+    }
+    if parts.is_empty() {
+        return Err(MimeError::NoParts(boundary.to_string()));
+    }
+    if !closed {
+        return Err(MimeError::Unterminated(boundary.to_string()));
+    }
+    Ok(parts)
+}
+
+/// Parses `type/subtype; name=value; name="quoted value"`.
+pub fn parse_content_type(value: &str) -> ContentType {
+    let mut pieces = split_params(value).into_iter();
+    let mime_type = pieces.next().unwrap_or_default().trim().to_ascii_lowercase();
+    let params = pieces
+        .filter_map(|p| {
+            let (name, value) = p.split_once('=')?;
+            let value = value.trim();
+            let value = if value.len() >= 2 && value.starts_with('"') && value.ends_with('"') {
+                unquote(&value[1..value.len() - 1])
+            } else {
+                value.to_string()
+            };
+            Some((name.trim().to_ascii_lowercase(), value))
+        })
+        .collect();
+    ContentType { mime_type, params }
+}
+
+fn unquote(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut escaped = false;
+    for c in s.chars() {
+        if escaped {
+            out.push(c);
+            escaped = false;
+        } else if c == '\\' {
+            escaped = true;
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Splits on `;` outside quoted strings and drops (comments).
+fn split_params(value: &str) -> Vec<String> {
+    let mut out = vec![String::new()];
+    let mut quoted = false;
+    let mut escaped = false;
+    let mut comment = 0usize;
+    for c in value.chars() {
+        let cur = out.last_mut().expect("out always has one element");
+        if quoted {
+            cur.push(c);
+            if escaped {
+                escaped = false;
+            } else if c == '\\' {
+                escaped = true;
+            } else if c == '"' {
+                quoted = false;
+            }
+            continue;
+        }
+        match c {
+            '(' => comment += 1,
+            ')' if comment > 0 => comment -= 1,
+            _ if comment > 0 => {}
+            '"' => {
+                quoted = true;
+                cur.push(c);
+            }
+            ';' => out.push(String::new()),
+            _ => cur.push(c),
+        }
+    }
+    out.into_iter().filter(|s| !s.trim().is_empty()).collect()
+}
+
+/// Decodes base64 leniently: whitespace anywhere, padding optional.
+pub fn decode_base64(data: &[u8]) -> Result<Vec<u8>, MimeError> {
+    let engine = GeneralPurpose::new(
+        &alphabet::STANDARD,
+        GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
+    );
+    let clean: Vec<u8> = data.iter().copied().filter(|b| !b.is_ascii_whitespace()).collect();
+    engine.decode(&clean).map_err(|e| MimeError::Base64(e.to_string()))
+}
+
+/// Base64 in 76-character lines with CRLF, as RFC 2045 asks.
+pub fn encode_base64_lines(data: &[u8]) -> Vec<u8> {
+    let encoded = base64::engine::general_purpose::STANDARD.encode(data);
+    let mut out = Vec::with_capacity(encoded.len() + encoded.len() / 76 * 2 + 2);
+    for chunk in encoded.as_bytes().chunks(76) {
+        out.extend_from_slice(chunk);
+        out.extend_from_slice(b"\r\n");
+    }
+    out
+}
+
+/// Converts every line ending (LF or CRLF; a lone CR stays) to CRLF.
+pub fn to_crlf(data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(data.len() + data.len() / 40);
+    let mut prev = 0u8;
+    for &b in data {
+        if b == b'\n' && prev != b'\r' {
+            out.push(b'\r');
+        }
+        out.push(b);
+        prev = b;
+    }
+    out
+}
+
+/// A MIME boundary that cannot occur in base64 or in the wrapped content by chance.
+pub fn new_boundary() -> String {
+    let mut bytes = [0u8; 12];
+    if openssl::rand::rand_bytes(&mut bytes).is_err() {
+        // The boundary only needs to be unlikely in content; fall back to time.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        bytes[..12].copy_from_slice(&nanos.to_le_bytes()[..12]);
+    }
+    format!("=_hispd_{}", hex::encode(bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_unfold_and_body_is_exact() {
+        let raw = b"Subject: a\r\n long\r\nContent-Type: multipart/signed;\r\n\tboundary=\"b 1\"; micalg=SHA-256\r\n\r\nbody\r\n";
+        let e = Entity::parse(raw).unwrap();
+        assert_eq!(e.header("subject"), Some("a long"));
+        let ct = e.content_type();
+        assert!(ct.is("multipart/signed"));
+        assert_eq!(ct.param("boundary"), Some("b 1"));
+        assert_eq!(ct.param("MICALG"), Some("SHA-256"));
+        assert_eq!(e.body, b"body\r\n");
+    }
+
+    #[test]
+    fn multipart_parts_exclude_the_delimiter_line_break() {
+        let body = b"preamble\r\n--xy\r\nA: 1\r\n\r\none\r\n\r\n--xy\r\n\r\ntwo\r\n--xy--\r\nepilogue";
+        let parts = split_multipart(body, "xy").unwrap();
+        assert_eq!(parts, vec![&b"A: 1\r\n\r\none\r\n"[..], &b"\r\ntwo"[..]]);
+        // LF-only messages
+        let parts = split_multipart(b"--xy\nA\n--xy--\n", "xy").unwrap();
+        assert_eq!(parts, vec![&b"A"[..]]);
+    }
+
+    #[test]
+    fn truncated_and_garbage_give_errors() {
+        assert_eq!(
+            split_multipart(b"--xy\r\nA\r\n", "xy"),
+            Err(MimeError::NoParts("xy".into()))
+        );
+        assert_eq!(
+            split_multipart(b"--xy\r\nA\r\n--xy\r\nB", "xy"),
+            Err(MimeError::Unterminated("xy".into()))
+        );
+        assert_eq!(Entity::parse(b"").err(), Some(MimeError::Empty));
+        assert_eq!(Entity::parse(b"Subject: x\r\n").err(), Some(MimeError::NoBody));
+        assert!(matches!(Entity::parse(b"no colon here\r\n\r\n"), Err(MimeError::BadHeader(_))));
+        assert!(decode_base64(b"!!!!").is_err());
+    }
+
+    #[test]
+    fn crlf_and_base64_round_trip() {
+        assert_eq!(to_crlf(b"a\nb\r\nc\n"), b"a\r\nb\r\nc\r\n");
+        let data: Vec<u8> = (0..=255u8).cycle().take(1000).collect();
+        let enc = encode_base64_lines(&data);
+        assert!(enc.split(|b| *b == b'\n').all(|l| l.len() <= 77));
+        assert_eq!(decode_base64(&enc).unwrap(), data);
+    }
+}
