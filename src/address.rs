@@ -29,7 +29,8 @@ impl DirectAddress {
         if local.is_empty() || local.chars().any(|c| c.is_whitespace() || c.is_control()) {
             return Err(AddressError::EmptyLocal(text.to_string()));
         }
-        let domain = normalize_domain(domain).map_err(|why| AddressError::BadDomain(text.to_string(), why))?;
+        let domain = normalize_domain(domain)
+            .map_err(|why| AddressError::BadDomain(text.to_string(), why))?;
         Ok(DirectAddress {
             local: local.to_string(),
             domain,
@@ -76,7 +77,10 @@ pub fn normalize_domain(domain: &str) -> Result<String, &'static str> {
         if label.len() > 63 {
             return Err("label longer than 63 characters");
         }
-        if !label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+        if !label
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
             return Err("only letters, digits, '-' and '_' are allowed in labels");
         }
         if label.starts_with('-') || label.ends_with('-') {
@@ -101,9 +105,21 @@ mod tests {
 
     #[test]
     fn refuses_malformed() {
-        assert!(matches!(DirectAddress::parse("bob"), Err(AddressError::NoAt(_))));
-        assert!(matches!(DirectAddress::parse("@x.org"), Err(AddressError::EmptyLocal(_))));
-        assert!(matches!(DirectAddress::parse("a@x..org"), Err(AddressError::BadDomain(..))));
-        assert!(matches!(DirectAddress::parse("a@x y.org"), Err(AddressError::BadDomain(..))));
+        assert!(matches!(
+            DirectAddress::parse("bob"),
+            Err(AddressError::NoAt(_))
+        ));
+        assert!(matches!(
+            DirectAddress::parse("@x.org"),
+            Err(AddressError::EmptyLocal(_))
+        ));
+        assert!(matches!(
+            DirectAddress::parse("a@x..org"),
+            Err(AddressError::BadDomain(..))
+        ));
+        assert!(matches!(
+            DirectAddress::parse("a@x y.org"),
+            Err(AddressError::BadDomain(..))
+        ));
     }
 }

@@ -35,6 +35,7 @@ impl fmt::Display for ConfigErrors {
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawSettings {
     smime: RawSmime,
     policy: RawPolicy,
@@ -44,6 +45,7 @@ struct RawSettings {
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawSmime {
     cipher: String,
     key_transport: String,
@@ -53,17 +55,20 @@ struct RawSmime {
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawPolicy {
     min_rsa_bits: u32,
     require_rcpt_in_headers: bool,
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawCerts {
     dir: String,
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawDomain {
     name: String,
     dir: Option<String>,
@@ -74,6 +79,7 @@ struct RawDomain {
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawPrivate {
     cert: Option<String>,
     key: Option<String>,
@@ -117,6 +123,20 @@ impl Settings {
         file: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Settings, ConfigErrors> {
+        let (settings, problems) = Self::parse(file, env)?;
+        if problems.is_empty() {
+            Ok(settings)
+        } else {
+            Err(ConfigErrors(problems))
+        }
+    }
+
+    /// Settings with defaults in place of invalid values, and the problems
+    /// found; `Err` only when the sources cannot be read at all.
+    fn parse(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<(Settings, Vec<ConfigProblem>), ConfigErrors> {
         let source = file
             .map(|f| f.display().to_string())
             .unwrap_or_else(|| "embedded default".into());
@@ -125,16 +145,23 @@ impl Settings {
             source: source.clone(),
             message,
         };
-        let mut builder = config::Config::builder()
-            .add_source(config::File::from_str(DEFAULT_CONFIG, config::FileFormat::Toml));
+        let mut builder = config::Config::builder().add_source(config::File::from_str(
+            DEFAULT_CONFIG,
+            config::FileFormat::Toml,
+        ));
         if let Some(f) = file {
             if !f.is_file() {
-                return Err(ConfigErrors(vec![problem("--config", "file not found or not a regular file".into())]));
+                return Err(ConfigErrors(vec![problem(
+                    "--config",
+                    "file not found or not a regular file".into(),
+                )]));
             }
             builder = builder.add_source(config::File::from(f).format(config::FileFormat::Toml));
         }
-        let env_map: std::collections::HashMap<String, String> =
-            env.into_iter().filter(|(k, _)| k.starts_with("HISPD__")).collect();
+        let env_map: std::collections::HashMap<String, String> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("HISPD__"))
+            .collect();
         builder = builder.add_source(
             config::Environment::with_prefix("HISPD")
                 .prefix_separator("__")
@@ -145,7 +172,13 @@ impl Settings {
         let raw: RawSettings = builder
             .build()
             .and_then(|c| c.try_deserialize())
-            .map_err(|e| ConfigErrors(vec![problem("(parse)", e.to_string())]))?;
+            .map_err(|e| {
+                let key = match &e {
+                    config::ConfigError::Type { key: Some(k), .. } => k.clone(),
+                    _ => "(syntax)".to_string(),
+                };
+                ConfigErrors(vec![problem(&key, e.to_string())])
+            })?;
 
         let base = file
             .and_then(|f| f.parent())
@@ -183,7 +216,10 @@ impl Settings {
             "hide" => {
                 let text = raw.smime.outer_subject_text.trim().to_string();
                 if text.contains(['\r', '\n']) {
-                    problems.push(problem("smime.outer_subject_text", "must be one line".into()));
+                    problems.push(problem(
+                        "smime.outer_subject_text",
+                        "must be one line".into(),
+                    ));
                 }
                 Some(OuterSubject::Hide(text))
             }
@@ -199,7 +235,10 @@ impl Settings {
         if raw.policy.min_rsa_bits < 2048 {
             problems.push(problem(
                 "policy.min_rsa_bits",
-                format!("{} is below the Applicability Statement's minimum of 2048", raw.policy.min_rsa_bits),
+                format!(
+                    "{} is below the Applicability Statement's minimum of 2048",
+                    raw.policy.min_rsa_bits
+                ),
             ));
         }
         let certs_dir = resolve(&raw.certs.dir);
@@ -217,8 +256,17 @@ impl Settings {
                 problems.push(problem(&key("name"), format!("{name} is configured twice")));
                 continue;
             }
-            let dir = d.dir.as_deref().map(resolve).unwrap_or_else(|| certs_dir.join(&name));
-            let defaults = |sub: &str| vec![dir.join("anchors").join(sub), dir.join("anchors").join("both")];
+            let dir = d
+                .dir
+                .as_deref()
+                .map(resolve)
+                .unwrap_or_else(|| certs_dir.join(&name));
+            let defaults = |sub: &str| {
+                vec![
+                    dir.join("anchors").join(sub),
+                    dir.join("anchors").join("both"),
+                ]
+            };
             let incoming_anchors = d
                 .incoming_anchors
                 .as_ref()
@@ -255,24 +303,34 @@ impl Settings {
                 private,
             });
         }
-        if !problems.is_empty() {
-            return Err(ConfigErrors(problems));
-        }
-        match (cipher, key_transport, digest, outer_subject) {
-            (Some(cipher), Some(key_transport), Some(digest), Some(outer_subject)) => Ok(Settings {
-                agent: AgentSettings {
-                    cipher,
-                    key_transport,
-                    digest,
-                    outer_subject,
-                    min_rsa_bits: raw.policy.min_rsa_bits,
-                    require_rcpt_in_headers: raw.policy.require_rcpt_in_headers,
-                },
-                certs_dir,
-                domains,
-                source,
-            }),
-            _ => Err(ConfigErrors(problems)),
+        let defaults = AgentSettings::default();
+        let settings = Settings {
+            agent: AgentSettings {
+                cipher: cipher.unwrap_or(defaults.cipher),
+                key_transport: key_transport.unwrap_or(defaults.key_transport),
+                digest: digest.unwrap_or(defaults.digest),
+                outer_subject: outer_subject.unwrap_or(defaults.outer_subject),
+                min_rsa_bits: raw.policy.min_rsa_bits.max(2048),
+                require_rcpt_in_headers: raw.policy.require_rcpt_in_headers,
+            },
+            certs_dir,
+            domains,
+            source,
+        };
+        Ok((settings, problems))
+    }
+
+    /// Loads the settings and every domain's keys and anchors: the way to
+    /// start anything, since it reports all problems of both kinds together.
+    pub fn load_agent(file: Option<&Path>) -> Result<(Settings, Agent), ConfigErrors> {
+        let (settings, mut problems) = Self::parse(file, std::env::vars())?;
+        match settings.build_agent() {
+            Ok(agent) if problems.is_empty() => Ok((settings, agent)),
+            Ok(_) => Err(ConfigErrors(problems)),
+            Err(ConfigErrors(more)) => {
+                problems.extend(more);
+                Err(ConfigErrors(problems))
+            }
         }
     }
 
@@ -291,7 +349,9 @@ impl Settings {
             if private_dir.is_dir() {
                 match agent::load_private_dir(&private_dir) {
                     Ok(c) => credentials.extend(c),
-                    Err(e) => problems.push(problem(format!("domains[{i}] private"), e.to_string())),
+                    Err(e) => {
+                        problems.push(problem(format!("domains[{i}] private"), e.to_string()))
+                    }
                 }
             }
             for (j, p) in d.private.iter().enumerate() {
@@ -305,7 +365,9 @@ impl Settings {
                 };
                 match loaded {
                     Ok(c) => credentials.extend(c),
-                    Err(e) => problems.push(problem(format!("domains[{i}].private[{j}]"), e.to_string())),
+                    Err(e) => {
+                        problems.push(problem(format!("domains[{i}].private[{j}]"), e.to_string()))
+                    }
                 }
             }
             if credentials.is_empty() {
@@ -326,7 +388,9 @@ impl Settings {
                     }
                     match AnchorSet::load(p) {
                         Ok(s) => set.extend(&s),
-                        Err(e) => problems.push(problem(format!("domains[{i}].{key}"), e.to_string())),
+                        Err(e) => {
+                            problems.push(problem(format!("domains[{i}].{key}"), e.to_string()))
+                        }
                     }
                 }
                 set
@@ -381,7 +445,10 @@ mod tests {
 
     #[test]
     fn environment_overrides_the_file() {
-        let env = vec![("HISPD__SMIME__CIPHER".to_string(), "aes-128-cbc".to_string())];
+        let env = vec![(
+            "HISPD__SMIME__CIPHER".to_string(),
+            "aes-128-cbc".to_string(),
+        )];
         let s = Settings::load_with_env(None, env).unwrap();
         assert_eq!(s.agent.cipher, crate::smime::ContentCipher::Aes128Cbc);
     }
@@ -397,20 +464,47 @@ mod tests {
         .unwrap();
         let err = Settings::load_with_env(Some(&path), no_env()).unwrap_err();
         let keys: Vec<&str> = err.0.iter().map(|p| p.key.as_str()).collect();
-        assert_eq!(keys, vec!["smime.cipher", "smime.digest", "policy.min_rsa_bits", "domains[0].name"]);
+        assert_eq!(
+            keys,
+            vec![
+                "smime.cipher",
+                "smime.digest",
+                "policy.min_rsa_bits",
+                "domains[0].name"
+            ]
+        );
         assert!(err.0.iter().all(|p| p.source == path.display().to_string()));
+    }
+
+    #[test]
+    fn misspelled_keys_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("typo.toml");
+        std::fs::write(&path, "[smime]\nciphr = \"aes-128-cbc\"\n").unwrap();
+        let err = Settings::load_with_env(Some(&path), no_env()).unwrap_err();
+        assert!(err.to_string().contains("ciphr"), "{err}");
     }
 
     #[test]
     fn missing_domain_material_is_reported_for_each_domain() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("hispd.toml");
-        std::fs::write(&path, "[[domains]]\nname = \"a.example\"\n[[domains]]\nname = \"b.example\"\n").unwrap();
+        std::fs::write(
+            &path,
+            "[[domains]]\nname = \"a.example\"\n[[domains]]\nname = \"b.example\"\n",
+        )
+        .unwrap();
         let settings = Settings::load_with_env(Some(&path), no_env()).unwrap();
-        assert_eq!(settings.domains[0].dir, dir.path().join("certs").join("a.example"));
+        assert_eq!(
+            settings.domains[0].dir,
+            dir.path().join("certs").join("a.example")
+        );
         let err = settings.build_agent().err().unwrap();
         let text = err.to_string();
-        assert!(text.contains("a.example has no private certificate"), "{text}");
+        assert!(
+            text.contains("a.example has no private certificate"),
+            "{text}"
+        );
         assert!(text.contains("b.example has no trust anchors"), "{text}");
         assert_eq!(err.0.len(), 4, "{text}");
     }

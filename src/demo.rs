@@ -2,7 +2,9 @@
 //! sealed by one and opened by the other. Shows the whole agent in one run.
 
 use crate::address::DirectAddress;
-use crate::agent::{self, Agent, AgentError, AgentSettings, LocalDomain, OpenReport, PrivateCredential, SealReport};
+use crate::agent::{
+    self, Agent, AgentError, AgentSettings, LocalDomain, OpenReport, PrivateCredential, SealReport,
+};
 use crate::pki::{self, LeafSpec, PkiError};
 use crate::trust::AnchorSet;
 use std::path::Path;
@@ -19,6 +21,8 @@ pub enum DemoError {
 }
 
 pub struct DemoOutcome {
+    /// The message as the clinic's EHR submitted it.
+    pub original: Vec<u8>,
     pub sealed: Vec<u8>,
     pub opened: Vec<u8>,
     pub seal_report: SealReport,
@@ -54,18 +58,22 @@ pub fn sample_message() -> Vec<u8> {
     let boundary = "=_demo_boundary";
     format!(
         "From: Dr. Lee <{SENDER}>\r\nTo: Jane Doe <{RECIPIENT}>\r\nSubject: Your visit summary\r\n\
-Date: {}\r\nMIME-Version: 1.0\r\nDisposition-Notification-Options: X-DIRECT-FINAL-DESTINATION-DELIVERY=optional,true\r\n\
+Date: {}\r\nMessage-ID: <demo-{}@{}>\r\nMIME-Version: 1.0\r\nDisposition-Notification-Options: X-DIRECT-FINAL-DESTINATION-DELIVERY=optional,true\r\n\
 Content-Type: multipart/mixed; boundary=\"{boundary}\"\r\n\r\n--{boundary}\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n\
 Hello Jane, your visit summary is attached.\r\n--{boundary}\r\nContent-Type: application/xml; name=\"ccd.xml\"\r\n\
 Content-Disposition: attachment; filename=\"ccd.xml\"\r\n\r\n{}\r\n--{boundary}--\r\n",
         chrono::Utc::now().to_rfc2822(),
+        chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default(),
+        SENDER.rsplit('@').next().unwrap_or("localhost"),
         SAMPLE_CCDA.replace('\n', "\r\n")
     )
     .into_bytes()
 }
 
-/// Runs the demo; when `save` is given, the PKI is written there
-/// (`<dir>/ca-<domain>/`, `<dir>/<domain>/`).
+/// Runs the demo; when `save` is given, the PKI is written there as a
+/// working configuration: `<dir>/hispd.toml`, `<dir>/certs/<domain>/private/`
+/// and `anchors/both/` for each domain (see certs/README.md), and the CAs in
+/// `<dir>/ca-<domain>/` to issue more certificates from.
 pub fn run(save: Option<&Path>) -> Result<DemoOutcome, DemoError> {
     let sender = DirectAddress::parse(SENDER).map_err(AgentError::from)?;
     let recipient = DirectAddress::parse(RECIPIENT).map_err(AgentError::from)?;
@@ -74,10 +82,34 @@ pub fn run(save: Option<&Path>) -> Result<DemoOutcome, DemoError> {
     let clinic_key = pki::issue(&clinic_ca, &LeafSpec::address(SENDER))?;
     let app_key = pki::issue(&app_ca, &LeafSpec::domain(recipient.domain()))?;
     if let Some(dir) = save {
-        pki::save(&clinic_ca, &dir.join(format!("ca-{}", sender.domain())))?;
-        pki::save(&app_ca, &dir.join(format!("ca-{}", recipient.domain())))?;
-        pki::save(&clinic_key, &dir.join(sender.domain()))?;
-        pki::save(&app_key, &dir.join(recipient.domain()))?;
+        let (s, r) = (sender.domain(), recipient.domain());
+        pki::save(&clinic_ca, &dir.join(format!("ca-{s}")))?;
+        pki::save(&app_ca, &dir.join(format!("ca-{r}")))?;
+        let certs = dir.join("certs");
+        pki::save(&clinic_key, &certs.join(s).join("private"))?;
+        pki::save(&app_key, &certs.join(r).join("private"))?;
+        write_anchor(
+            &certs
+                .join(s)
+                .join("anchors/both")
+                .join(format!("{r}-ca.pem")),
+            &app_ca,
+        )?;
+        write_anchor(
+            &certs
+                .join(r)
+                .join("anchors/both")
+                .join(format!("{s}-ca.pem")),
+            &clinic_ca,
+        )?;
+        let config = format!(
+            "# Written by `hispd demo --out`: the two demo domains as a configuration.\n\
+             [certs]\ndir = \"certs\"\n\n[[domains]]\nname = \"{s}\"\n\n[[domains]]\nname = \"{r}\"\n"
+        );
+        std::fs::write(dir.join("hispd.toml"), config).map_err(|error| PkiError::Io {
+            path: dir.join("hispd.toml"),
+            error,
+        })?;
     }
     let mut agent = Agent::new(AgentSettings::default());
     let app_anchor = AnchorSet::from_certs(vec![app_ca.cert.clone()], Path::new("(demo)"));
@@ -109,11 +141,23 @@ pub fn run(save: Option<&Path>) -> Result<DemoOutcome, DemoError> {
         at: agent::now(),
     })?;
     Ok(DemoOutcome {
+        original: message,
         sealed: sealed.message,
         opened: opened.message,
         seal_report: sealed.report,
         open_report: opened.report,
     })
+}
+
+fn write_anchor(path: &Path, ca: &pki::Credential) -> Result<(), PkiError> {
+    let io = |error| PkiError::Io {
+        path: path.to_path_buf(),
+        error,
+    };
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(io)?;
+    }
+    std::fs::write(path, ca.cert.to_pem()?).map_err(io)
 }
 
 #[cfg(test)]
@@ -125,5 +169,27 @@ mod tests {
         assert!(!String::from_utf8_lossy(&out.sealed).contains("Your visit summary"));
         assert_eq!(out.open_report.signer.digest, "SHA256");
         assert!(out.open_report.wrapped);
+        assert_eq!(
+            out.opened, out.original,
+            "the recipient reads exactly what was sent"
+        );
+    }
+
+    #[test]
+    fn demo_out_is_a_working_configuration() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = super::run(Some(dir.path())).unwrap();
+        let settings = crate::config::Settings::load(Some(&dir.path().join("hispd.toml"))).unwrap();
+        let agent = settings.build_agent().unwrap();
+        assert_eq!(agent.domains.len(), 2);
+        let opened = agent
+            .open(crate::agent::OpenRequest {
+                message: &out.sealed,
+                mail_from: None,
+                rcpt_to: Vec::new(),
+                at: crate::agent::now(),
+            })
+            .unwrap();
+        assert_eq!(opened.message, out.original);
     }
 }

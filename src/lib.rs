@@ -1,9 +1,9 @@
 //! hispd: a Direct-protocol HISP. See DESIGN.md for the architecture.
 
 pub mod address;
-pub mod pki;
-pub mod smime;
-pub mod trust;
 pub mod agent;
 pub mod config;
 pub mod demo;
+pub mod pki;
+pub mod smime;
+pub mod trust;

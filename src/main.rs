@@ -3,7 +3,9 @@
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use hispd::address::DirectAddress;
-use hispd::agent::{self, Agent, AgentError, LocalDomain, OpenRequest, PrivateCredential, SealRequest};
+use hispd::agent::{
+    self, Agent, AgentError, LocalDomain, OpenRequest, PrivateCredential, SealRequest,
+};
 use hispd::config::Settings;
 use hispd::pki::{self, KeyKind, LeafSpec};
 use hispd::trust::{self, AnchorSet};
@@ -12,7 +14,11 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "hispd", version, about = "A Direct-protocol HISP: S/MIME security and trust agent")]
+#[command(
+    name = "hispd",
+    version,
+    about = "A Direct-protocol HISP: S/MIME security and trust agent"
+)]
 struct Cli {
     /// Configuration file (TOML). Without it the embedded default is used.
     #[arg(long, global = true, value_name = "FILE")]
@@ -54,6 +60,9 @@ enum CertsCommand {
         name: String,
         #[arg(long, default_value_t = 2048)]
         bits: u32,
+        /// Replace a key already in DIR (orphans every certificate it issued).
+        #[arg(long)]
+        force: bool,
     },
     /// Issue an address-bound or domain-bound certificate signed by the CA in --ca.
     Issue {
@@ -69,6 +78,9 @@ enum CertsCommand {
         bits: u32,
         #[arg(long, default_value_t = 365)]
         days: u32,
+        /// Replace a key already in DIR.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -186,8 +198,10 @@ impl std::error::Error for Refused {}
 
 fn read_stdin() -> Result<Vec<u8>> {
     let mut data = Vec::new();
-    std::io::stdin().read_to_end(&mut data).context("reading the message from stdin")?;
-    if data.is_empty() {
+    std::io::stdin()
+        .read_to_end(&mut data)
+        .context("reading the message from stdin")?;
+    if data.iter().all(u8::is_ascii_whitespace) {
         bail!("no message on stdin");
     }
     Ok(data)
@@ -201,10 +215,23 @@ fn run(cli: Cli) -> Result<ExitCode> {
     let config = cli.config.as_deref();
     match cli.command {
         Command::Demo { out, json } => demo(out.as_deref(), json),
-        Command::Certs(CertsCommand::NewCa { out, name, bits }) => {
-            let ca = pki::new_ca(&name, pki::check_bits(bits)?)?;
-            pki::save(&ca, &out)?;
-            println!("CA \"{}\" written to {}", trust::subject(&ca.cert), out.display());
+        Command::Certs(CertsCommand::NewCa {
+            out,
+            name,
+            bits,
+            force,
+        }) => {
+            let bits = pki::check_bits(bits)?;
+            if !force && out.join("key.pem").exists() {
+                return Err(pki::PkiError::Exists(out).into());
+            }
+            let ca = pki::new_ca(&name, bits)?;
+            pki::save_checked(&ca, &out, force)?;
+            println!(
+                "CA \"{}\" written to {}",
+                trust::subject(&ca.cert),
+                out.display()
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Certs(CertsCommand::Issue {
@@ -214,22 +241,33 @@ fn run(cli: Cli) -> Result<ExitCode> {
             out,
             bits,
             days,
+            force,
         }) => {
-            let ca = pki::load(&ca)?;
+            let bits = pki::check_bits(bits)?;
+            let days = pki::check_days(days)?;
+            if !force && out.join("key.pem").exists() {
+                return Err(pki::PkiError::Exists(out).into());
+            }
+            let ca = pki::load_ca(&ca)?;
             let spec = match (address, domain) {
                 (Some(a), _) => LeafSpec::address(&DirectAddress::parse(&a)?.to_string()),
                 (None, Some(d)) => LeafSpec::domain(
-                    &hispd::address::normalize_domain(&d).map_err(|why| anyhow::anyhow!("--domain {d:?}: {why}"))?,
+                    &hispd::address::normalize_domain(&d)
+                        .map_err(|why| anyhow::anyhow!("--domain {d:?}: {why}"))?,
                 ),
                 (None, None) => bail!("give --address or --domain"),
             };
             let spec = LeafSpec {
-                key: KeyKind::Rsa(pki::check_bits(bits)?),
+                key: KeyKind::Rsa(bits),
                 ..spec.days(days)
             };
             let cred = pki::issue(&ca, &spec)?;
-            pki::save(&cred, &out)?;
-            println!("certificate \"{}\" written to {}", trust::subject(&cred.cert), out.display());
+            pki::save_checked(&cred, &out, force)?;
+            println!(
+                "certificate \"{}\" written to {}",
+                trust::subject(&cred.cert),
+                out.display()
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Message(MessageCommand::Seal {
@@ -247,11 +285,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }) => {
             let mut settings = settings(config)?;
             if let Some(c) = cipher {
-                settings.agent.cipher = c.parse().map_err(|e: String| anyhow::anyhow!("--cipher: {e}"))?;
+                settings.agent.cipher = c
+                    .parse()
+                    .map_err(|e: String| anyhow::anyhow!("--cipher: {e}"))?;
             }
             if let Some(k) = key_transport {
-                settings.agent.key_transport =
-                    k.parse().map_err(|e: String| anyhow::anyhow!("--key-transport: {e}"))?;
+                settings.agent.key_transport = k
+                    .parse()
+                    .map_err(|e: String| anyhow::anyhow!("--key-transport: {e}"))?;
             }
             let from = DirectAddress::parse(&from)?;
             let recipients = to
@@ -278,9 +319,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 at: agent::now(),
             };
             let sealed = if keys.is_empty() {
-                let agent = settings.build_agent().map_err(|e| anyhow::anyhow!("{e}"))?;
+                if config.is_none() {
+                    bail!("give --sign-cert/--sign-key or --sign-pkcs12, or --config");
+                }
+                if !anchors.is_empty() {
+                    bail!("--anchors applies with --sign-cert/--sign-key; with --config the sending domain's outgoing anchors decide");
+                }
+                let (_, agent) = Settings::load_agent(config).map_err(|e| anyhow::anyhow!("{e}"))?;
                 agent.seal(request)
             } else {
+                let credentials = keys.load()?;
                 let outgoing = if anchors.is_empty() {
                     eprintln!("hispd: no --anchors: the recipient certificates are trusted as given");
                     AnchorSet::from_certs(certs, Path::new("--recipient-cert"))
@@ -289,7 +337,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 };
                 let domain = LocalDomain {
                     name: from.domain().to_string(),
-                    credentials: keys.load()?,
+                    credentials,
                     incoming_anchors: AnchorSet::new(),
                     outgoing_anchors: outgoing,
                 };
@@ -314,7 +362,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let settings = settings(config)?;
             let at = match at {
                 Some(t) => chrono::DateTime::parse_from_rfc3339(&t)
-                    .with_context(|| format!("--at {t:?} is not an RFC 3339 time"))?
+                    .with_context(|| {
+                        format!("--at {t:?} is not an RFC 3339 time such as 2026-12-04T10:00:00Z")
+                    })?
                     .timestamp(),
                 None => agent::now(),
             };
@@ -333,7 +383,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 if config.is_none() {
                     bail!("give --cert/--key or --pkcs12 with --anchors, or --config");
                 }
-                let agent = settings.build_agent().map_err(|e| anyhow::anyhow!("{e}"))?;
+                let (_, agent) =
+                    Settings::load_agent(config).map_err(|e| anyhow::anyhow!("{e}"))?;
                 agent.open(request)
             } else {
                 if anchors.is_empty() {
@@ -361,7 +412,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             match result {
                 Ok(opened) => {
                     if let Some(path) = &out {
-                        std::fs::write(path, &opened.message).with_context(|| format!("writing {}", path.display()))?;
+                        std::fs::write(path, &opened.message)
+                            .with_context(|| format!("writing {}", path.display()))?;
                     }
                     if json {
                         let value = serde_json::json!({"trusted": true, "report": opened.report});
@@ -381,8 +433,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
         }
         Command::Config(ConfigCommand::Check) => {
-            let settings = settings(config)?;
-            let agent = settings.build_agent().map_err(|e| anyhow::anyhow!("{e}"))?;
+            let (settings, agent) =
+                Settings::load_agent(config).map_err(|e| anyhow::anyhow!("{e}"))?;
             println!("configuration from {} is valid", settings.source);
             for d in agent.domains.values() {
                 println!(
@@ -408,7 +460,12 @@ impl KeyArgs {
         if let Some(p) = &self.pkcs12 {
             out.push(agent::load_pkcs12(p, &self.password)?);
         }
-        let pem: Vec<&Path> = self.certs.iter().chain(&self.keys).map(PathBuf::as_path).collect();
+        let pem: Vec<&Path> = self
+            .certs
+            .iter()
+            .chain(&self.keys)
+            .map(PathBuf::as_path)
+            .collect();
         if !pem.is_empty() {
             out.extend(load_credentials_der_or_pem(&self.certs, &self.keys)?);
         }
@@ -418,26 +475,48 @@ impl KeyArgs {
 
 /// Certificates may be DER (as the reference implementations ship them) and
 /// keys PKCS#8 DER; convert to the PEM loader's input.
-fn load_credentials_der_or_pem(certs: &[PathBuf], keys: &[PathBuf]) -> Result<Vec<PrivateCredential>> {
+fn load_credentials_der_or_pem(
+    certs: &[PathBuf],
+    keys: &[PathBuf],
+) -> Result<Vec<PrivateCredential>> {
     let mut cert_list = Vec::new();
     for c in certs {
         cert_list.extend(trust::read_certificates(c)?);
     }
     let mut out = Vec::new();
-    let key_files: Vec<&PathBuf> = if keys.is_empty() { certs.iter().collect() } else { keys.iter().collect() };
+    let key_files: Vec<&PathBuf> = if keys.is_empty() {
+        certs.iter().collect()
+    } else {
+        keys.iter().collect()
+    };
     for k in key_files {
         let data = std::fs::read(k).with_context(|| format!("reading {}", k.display()))?;
-        let key = if data.windows(11).any(|w| w == b"-----BEGIN ") {
+        let is_pem = data.windows(11).any(|w| w == b"-----BEGIN ");
+        if keys.is_empty() && !(is_pem && data.windows(11).any(|w| w == b"PRIVATE KEY")) {
+            bail!(
+                "{} holds no private key: give the key file too (--key or --sign-key)",
+                k.display()
+            );
+        }
+        let key = if is_pem {
             openssl::pkey::PKey::private_key_from_pem(&data)
         } else {
             openssl::pkey::PKey::private_key_from_der(&data)
         }
-        .map_err(|e| anyhow::anyhow!("{}: not a private key (PEM or DER): {e}", k.display()))?;
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "{}: not a private key (PEM or DER): {}",
+                k.display(),
+                hispd::smime::openssl_reason(&e)
+            )
+        })?;
         let leaf = cert_list
             .iter()
             .find(|c| c.public_key().map(|p| p.public_eq(&key)).unwrap_or(false))
             .cloned()
-            .ok_or_else(|| anyhow::anyhow!("{}: no given certificate matches this key", k.display()))?;
+            .ok_or_else(|| {
+                anyhow::anyhow!("{}: no given certificate matches this key", k.display())
+            })?;
         out.push(PrivateCredential::new(
             pki::Credential {
                 cert: leaf,
@@ -461,7 +540,7 @@ fn load_anchors(paths: &[PathBuf]) -> Result<AnchorSet> {
 fn demo(out: Option<&Path>, json: bool) -> Result<ExitCode> {
     let outcome = hispd::demo::run(out)?;
     if let Some(dir) = out {
-        std::fs::write(dir.join("original.eml"), hispd::demo::sample_message())?;
+        std::fs::write(dir.join("original.eml"), &outcome.original)?;
         std::fs::write(dir.join("sealed.eml"), &outcome.sealed)?;
         std::fs::write(dir.join("opened.eml"), &outcome.opened)?;
     }
@@ -469,13 +548,25 @@ fn demo(out: Option<&Path>, json: bool) -> Result<ExitCode> {
         let value = serde_json::json!({"seal": outcome.seal_report, "open": outcome.open_report});
         println!("{}", serde_json::to_string_pretty(&value)?);
     } else {
-        println!("hispd demo: {} -> {}\n", hispd::demo::SENDER, hispd::demo::RECIPIENT);
+        println!(
+            "hispd demo: {} -> {}\n",
+            hispd::demo::SENDER,
+            hispd::demo::RECIPIENT
+        );
         print!("{}", outcome.seal_report.summary());
         println!("  sealed message: {} bytes\n", outcome.sealed.len());
         print!("{}", outcome.open_report.summary());
-        println!("  opened message: {} bytes, carrying the C-CDA", outcome.opened.len());
+        println!(
+            "  opened message: {} bytes, carrying the C-CDA",
+            outcome.opened.len()
+        );
         if let Some(dir) = out {
-            println!("\nPKI and messages written to {}", dir.display());
+            println!(
+                "\nPKI, configuration and messages written to {}; try:\n  hispd --config {}/hispd.toml message open < {}/sealed.eml",
+                dir.display(),
+                dir.display(),
+                dir.display()
+            );
         }
     }
     Ok(ExitCode::SUCCESS)

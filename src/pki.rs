@@ -30,15 +30,21 @@ pub struct Credential {
 pub enum PkiError {
     #[error("OpenSSL failed while building a certificate: {0}")]
     OpenSsl(#[from] ErrorStack),
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{path}: {what}")]
     BadFile { path: PathBuf, what: String },
     #[error("RSA key size {0} is not allowed: choose 2048, 3072 or 4096")]
     KeySize(u32),
+    #[error("{0} already holds a key.pem; refusing to overwrite it (use --force)")]
+    Exists(PathBuf),
+    #[error("{0} is not a CA certificate (basicConstraints cA is not set)")]
+    NotCa(PathBuf),
+    #[error("--days must be at least 1")]
+    Days,
 }
 
 /// The public key algorithm of a new certificate.
@@ -147,7 +153,13 @@ pub fn new_ca(common_name: &str, bits: u32) -> Result<Credential, PkiError> {
     b.set_not_before(&not_before)?;
     b.set_not_after(&not_after)?;
     b.append_extension(BasicConstraints::new().critical().ca().build()?)?;
-    b.append_extension(KeyUsage::new().critical().key_cert_sign().crl_sign().build()?)?;
+    b.append_extension(
+        KeyUsage::new()
+            .critical()
+            .key_cert_sign()
+            .crl_sign()
+            .build()?,
+    )?;
     let ski = SubjectKeyIdentifier::new().build(&b.x509v3_context(None, None))?;
     b.append_extension(ski)?;
     b.sign(&key, MessageDigest::sha256())?;
@@ -227,44 +239,77 @@ pub fn check_bits(bits: u32) -> Result<u32, PkiError> {
     }
 }
 
-fn write(path: &Path, data: &[u8]) -> Result<(), PkiError> {
-    fs::write(path, data).map_err(|source| PkiError::Io {
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PkiError + '_ {
+    move |error| PkiError::Io {
         path: path.to_path_buf(),
-        source,
-    })
+        error,
+    }
+}
+
+/// Writes a file; `private` files are created with mode 0600 from the start.
+fn write(path: &Path, data: &[u8], private: bool) -> Result<(), PkiError> {
+    use std::io::Write;
+    let mut options = fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    if private {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut file = options.open(path).map_err(io(path))?;
+    #[cfg(unix)]
+    if private {
+        // An existing file keeps its mode on open: tighten it too.
+        use std::os::unix::fs::PermissionsExt;
+        file.set_permissions(fs::Permissions::from_mode(0o600))
+            .map_err(io(path))?;
+    }
+    file.write_all(data).map_err(io(path))?;
+    file.sync_all().map_err(io(path))
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, PkiError> {
-    fs::read(path).map_err(|source| PkiError::Io {
-        path: path.to_path_buf(),
-        source,
-    })
+    fs::read(path).map_err(io(path))
 }
 
-/// Writes `cert.pem` (the certificate, then its chain) and `key.pem` (PKCS#8, mode 0600).
-pub fn save(cred: &Credential, dir: &Path) -> Result<(), PkiError> {
-    fs::create_dir_all(dir).map_err(|source| PkiError::Io {
-        path: dir.to_path_buf(),
-        source,
-    })?;
+/// Writes `cert.pem` (the certificate, then its chain) and `key.pem` (PKCS#8,
+/// mode 0600). Refuses to replace an existing key unless `overwrite`: every
+/// certificate issued from a CA key would be orphaned.
+pub fn save_checked(cred: &Credential, dir: &Path, overwrite: bool) -> Result<(), PkiError> {
+    let key_path = dir.join("key.pem");
+    if !overwrite && key_path.exists() {
+        return Err(PkiError::Exists(dir.to_path_buf()));
+    }
+    fs::create_dir_all(dir).map_err(io(dir))?;
     let mut pem = cred.cert.to_pem()?;
     for c in &cred.chain {
         pem.extend(c.to_pem()?);
     }
-    write(&dir.join("cert.pem"), &pem)?;
-    let key_path = dir.join("key.pem");
-    write(&key_path, &cred.key.private_key_to_pem_pkcs8()?)?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        fs::set_permissions(&key_path, fs::Permissions::from_mode(0o600)).map_err(|source| {
-            PkiError::Io {
-                path: key_path.clone(),
-                source,
-            }
-        })?;
+    write(&dir.join("cert.pem"), &pem, false)?;
+    write(&key_path, &cred.key.private_key_to_pem_pkcs8()?, true)
+}
+
+/// `save_checked` that overwrites (for fresh directories such as the demo's).
+pub fn save(cred: &Credential, dir: &Path) -> Result<(), PkiError> {
+    save_checked(cred, dir, true)
+}
+
+/// Loads a CA saved with `save`, checking it can issue certificates.
+pub fn load_ca(dir: &Path) -> Result<Credential, PkiError> {
+    let ca = load(dir)?;
+    if !crate::smime::ffi::is_ca(&ca.cert) {
+        return Err(PkiError::NotCa(dir.join("cert.pem")));
     }
-    Ok(())
+    Ok(ca)
+}
+
+/// Validity in days as given on the command line.
+pub fn check_days(days: u32) -> Result<u32, PkiError> {
+    if days == 0 {
+        Err(PkiError::Days)
+    } else {
+        Ok(days)
+    }
 }
 
 /// Reads what `save` wrote.
@@ -273,7 +318,7 @@ pub fn load(dir: &Path) -> Result<Credential, PkiError> {
     let key_path = dir.join("key.pem");
     let certs = X509::stack_from_pem(&read(&cert_path)?).map_err(|e| PkiError::BadFile {
         path: cert_path.clone(),
-        what: format!("not PEM certificates: {e}"),
+        what: format!("not PEM certificates: {}", crate::smime::openssl_reason(&e)),
     })?;
     let mut certs = certs.into_iter();
     let cert = certs.next().ok_or_else(|| PkiError::BadFile {
@@ -282,7 +327,10 @@ pub fn load(dir: &Path) -> Result<Credential, PkiError> {
     })?;
     let key = PKey::private_key_from_pem(&read(&key_path)?).map_err(|e| PkiError::BadFile {
         path: key_path.clone(),
-        what: format!("not a PEM private key: {e}"),
+        what: format!(
+            "not a PEM private key: {}",
+            crate::smime::openssl_reason(&e)
+        ),
     })?;
     if !cert.public_key()?.public_eq(&key) {
         return Err(PkiError::BadFile {
@@ -314,8 +362,14 @@ mod tests {
             .collect();
         assert_eq!(emails, vec!["alice@a.example"]);
         assert!(leaf.cert.verify(&ca.cert.public_key().unwrap()).unwrap());
-        assert_eq!(leaf.cert.signature_algorithm().object().nid(), Nid::SHA256WITHRSAENCRYPTION);
-        assert!(leaf.chain.is_empty(), "a self-signed CA is the anchor, not chain");
+        assert_eq!(
+            leaf.cert.signature_algorithm().object().nid(),
+            Nid::SHA256WITHRSAENCRYPTION
+        );
+        assert!(
+            leaf.chain.is_empty(),
+            "a self-signed CA is the anchor, not chain"
+        );
     }
 
     #[test]
@@ -326,9 +380,44 @@ mod tests {
         let back = load(dir.path()).unwrap();
         assert_eq!(back.cert.to_der().unwrap(), ca.cert.to_der().unwrap());
         let other = new_ca("Other", 2048).unwrap();
-        fs::write(dir.path().join("key.pem"), other.key.private_key_to_pem_pkcs8().unwrap()).unwrap();
+        fs::write(
+            dir.path().join("key.pem"),
+            other.key.private_key_to_pem_pkcs8().unwrap(),
+        )
+        .unwrap();
         let err = load(dir.path()).err().unwrap().to_string();
         assert!(err.contains("does not belong"), "{err}");
+    }
+
+    #[test]
+    fn existing_keys_are_not_overwritten_and_leaves_are_not_cas() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = new_ca("Test CA", 2048).unwrap();
+        save_checked(&ca, dir.path(), false).unwrap();
+        let before = fs::read(dir.path().join("key.pem")).unwrap();
+        let other = new_ca("Other", 2048).unwrap();
+        assert!(matches!(
+            save_checked(&other, dir.path(), false),
+            Err(PkiError::Exists(_))
+        ));
+        assert_eq!(fs::read(dir.path().join("key.pem")).unwrap(), before);
+        assert!(load_ca(dir.path()).is_ok());
+        let leaf_dir = tempfile::tempdir().unwrap();
+        save(
+            &issue(&ca, &LeafSpec::domain("x.example")).unwrap(),
+            leaf_dir.path(),
+        )
+        .unwrap();
+        assert!(matches!(load_ca(leaf_dir.path()), Err(PkiError::NotCa(_))));
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = fs::metadata(leaf_dir.path().join("key.pem"))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
     }
 
     #[test]

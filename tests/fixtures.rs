@@ -9,13 +9,19 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn fixture(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures").join(rel)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/fixtures")
+        .join(rel)
 }
 
 fn ryan() -> PrivateCredential {
-    let cert = trust::read_certificates(&fixture("interop/java-ri/ryan.der")).expect("ryan.der").remove(0);
-    let key = PKey::private_key_from_der(&std::fs::read(fixture("interop/java-ri/ryanKey.der")).expect("key"))
-        .expect("PKCS#8 DER key");
+    let cert = trust::read_certificates(&fixture("interop/java-ri/ryan.der"))
+        .expect("ryan.der")
+        .remove(0);
+    let key = PKey::private_key_from_der(
+        &std::fs::read(fixture("interop/java-ri/ryanKey.der")).expect("key"),
+    )
+    .expect("PKCS#8 DER key");
     PrivateCredential::new(
         Credential {
             cert,
@@ -62,21 +68,30 @@ fn java_ri_message_opens_with_ryans_key_and_the_simpleinterop_anchor() {
     assert_eq!(r.from, "gm2552@securehealthemail.com");
     let inner = String::from_utf8_lossy(&opened.message).to_string();
     assert!(inner.contains("Subject: test pic"));
-    assert!(inner.to_ascii_lowercase().contains("image/png"), "the PNG attachment is kept");
+    assert!(
+        inner.to_ascii_lowercase().contains("image/png"),
+        "the PNG attachment is kept"
+    );
 }
 
 #[test]
 fn java_ri_message_is_refused_with_an_unrelated_anchor() {
-    let err = open_java("interop/java-ri/unrelated-anchor.der").err().expect("must be refused");
+    let err = open_java("interop/java-ri/unrelated-anchor.der")
+        .err()
+        .expect("must be refused");
     assert_eq!(err.rule(), "signer-trust");
     assert!(err.to_string().contains("does not chain"), "{err}");
 }
 
 #[test]
 fn dotnet_ri_message_decrypts_with_oaep_then_is_refused_for_sha1() {
-    let message = std::fs::read(fixture("interop/dotnet-ri/envelopeSignature.eml")).expect("fixture");
-    let cred = agent::load_pkcs12(&fixture("interop/dotnet-ri/nhind_umamalga1_vm1.pfx"), "passw0rd!")
-        .expect("legacy PKCS#12 opens");
+    let message =
+        std::fs::read(fixture("interop/dotnet-ri/envelopeSignature.eml")).expect("fixture");
+    let cred = agent::load_pkcs12(
+        &fixture("interop/dotnet-ri/nhind_umamalga1_vm1.pfx"),
+        "passw0rd!",
+    )
+    .expect("legacy PKCS#12 opens");
     let envelope = hispd::smime::parse_encrypted(&message).expect("parses");
     assert_eq!(envelope.info.key_transport, vec!["RSAES-OAEP".to_string()]);
     assert!(envelope.is_recipient(&cred.credential.cert));
@@ -86,7 +101,10 @@ fn dotnet_ri_message_decrypts_with_oaep_then_is_refused_for_sha1() {
 
     let domain = LocalDomain {
         name: "nhind.hsgincubator.com".into(),
-        incoming_anchors: AnchorSet::from_certs(vec![cred.credential.cert.clone()], Path::new("self")),
+        incoming_anchors: AnchorSet::from_certs(
+            vec![cred.credential.cert.clone()],
+            Path::new("self"),
+        ),
         credentials: vec![cred],
         outgoing_anchors: AnchorSet::new(),
     };
@@ -104,7 +122,10 @@ fn dotnet_ri_message_decrypts_with_oaep_then_is_refused_for_sha1() {
         .expect("SHA-1 must be refused");
     assert_eq!(err.rule(), "digest");
     let text = err.to_string();
-    assert!(text.contains("SHA1") && text.contains("forbidden"), "{text}");
+    assert!(
+        text.contains("SHA1") && text.contains("forbidden"),
+        "{text}"
+    );
 }
 
 fn hispd(args: &[&str], stdin_file: &Path) -> std::process::Output {
@@ -135,12 +156,22 @@ fn cli_opens_the_java_ri_message_from_der_files() {
         ]
     };
     let ok_args = args(&good);
-    let out = hispd(&ok_args.iter().map(String::as_str).collect::<Vec<_>>(), &msg);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = hispd(
+        &ok_args.iter().map(String::as_str).collect::<Vec<_>>(),
+        &msg,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("Subject: test pic"));
 
     let bad_args = args(&bad);
-    let out = hispd(&bad_args.iter().map(String::as_str).collect::<Vec<_>>(), &msg);
+    let out = hispd(
+        &bad_args.iter().map(String::as_str).collect::<Vec<_>>(),
+        &msg,
+    );
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.starts_with("hispd: refused [signer-trust]"), "{err}");

@@ -14,13 +14,17 @@ use hispd::smime::mime::{encode_base64_lines, Entity};
 /// with `identity`'s private key.
 fn gpgsm_with(world: &World, identity: &str) -> Gpgsm {
     let g = Gpgsm::new().expect("gpgsm home");
-    g.trust_ca(&world.files("sender-ca").cert).expect("trust sender CA");
-    g.trust_ca(&world.files("receiver-ca").cert).expect("trust receiver CA");
+    g.trust_ca(&world.files("sender-ca").cert)
+        .expect("trust sender CA");
+    g.trust_ca(&world.files("receiver-ca").cert)
+        .expect("trust receiver CA");
     let id = world.files(identity);
-    g.import_identity(&id.cert, &id.key).expect("import identity");
+    g.import_identity(&id.cert, &id.key)
+        .expect("import identity");
     for other in ["alice", "receiver"] {
         if other != identity {
-            g.import_cert(&world.files(other).cert).expect("import peer cert");
+            g.import_cert(&world.files(other).cert)
+                .expect("import peer cert");
         }
     }
     g
@@ -79,8 +83,12 @@ fn gpgsm_decrypts_and_verifies_what_we_seal() {
     let signed_entity = Entity::parse(&signed).expect("signed entity");
     let parts = signed_entity.multipart_parts().expect("two parts");
     assert_eq!(parts.len(), 2);
-    let signature = Entity::parse(parts[1]).expect("sig part").decoded_body().expect("base64");
-    g.verify_detached(&signature, parts[0]).expect("gpgsm verifies our signature");
+    let signature = Entity::parse(parts[1])
+        .expect("sig part")
+        .decoded_body()
+        .expect("base64");
+    g.verify_detached(&signature, parts[0])
+        .expect("gpgsm verifies our signature");
     assert!(String::from_utf8_lossy(parts[0]).contains("read by GnuPG"));
 
     // gpgsm's verification is real: one changed byte fails it.

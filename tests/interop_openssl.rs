@@ -30,8 +30,14 @@ fn openssl_decrypts_and_verifies_what_we_seal() {
     let sealed = seal(&world, AgentSettings::default(), &original);
     let text = String::from_utf8_lossy(&sealed).to_string();
     assert!(text.contains("smime-type=enveloped-data"), "{text}");
-    assert!(!text.contains("Potassium"), "clinical content must not travel in clear");
-    assert!(!text.contains("lab results"), "the default hides the Subject outside");
+    assert!(
+        !text.contains("Potassium"),
+        "clinical content must not travel in clear"
+    );
+    assert!(
+        !text.contains("lab results"),
+        "the default hides the Subject outside"
+    );
 
     let receiver = world.files("receiver");
     let signed = openssl_decrypt(&sealed, &receiver.cert, &receiver.key).expect("openssl decrypts");
@@ -39,9 +45,13 @@ fn openssl_decrypts_and_verifies_what_we_seal() {
     assert!(signed_text.contains("multipart/signed"), "{signed_text}");
     assert!(signed_text.contains("micalg=sha-256"), "{signed_text}");
 
-    let content = openssl_verify(&signed, &world.files("sender-ca").cert).expect("openssl verifies against the anchor");
+    let content = openssl_verify(&signed, &world.files("sender-ca").cert)
+        .expect("openssl verifies against the anchor");
     let content_text = String::from_utf8_lossy(&content).to_string();
-    assert!(content_text.starts_with("Content-Type: message/rfc822"), "{content_text}");
+    assert!(
+        content_text.starts_with("Content-Type: message/rfc822"),
+        "{content_text}"
+    );
     assert!(content_text.contains("Potassium 4.1 mmol/L"));
     assert!(content_text.contains("Subject: lab results"));
 
@@ -66,7 +76,8 @@ fn cipher_and_oaep_settings_reach_the_wire() {
     assert!(printed.contains("aes-128-cbc"), "{printed}");
     assert!(printed.contains("rsaesOaep"), "{printed}");
     let receiver = world.files("receiver");
-    let signed = openssl_decrypt(&sealed, &receiver.cert, &receiver.key).expect("openssl decrypts OAEP");
+    let signed =
+        openssl_decrypt(&sealed, &receiver.cert, &receiver.key).expect("openssl decrypts OAEP");
     openssl_verify(&signed, &world.files("sender-ca").cert).expect("verifies");
 }
 
@@ -76,7 +87,8 @@ fn openssl_message(world: &World, digest: &str, cipher: &str, oaep: bool) -> Vec
     let wrapped = hispd::smime::wrap(&message("from openssl", "hello from openssl"));
     let signed = openssl_sign(&wrapped, &alice.cert, &alice.key, digest).expect("sign");
     let receiver = world.files("receiver");
-    let encrypted = openssl_encrypt(&signed, &[receiver.cert.as_path()], cipher, oaep).expect("encrypt");
+    let encrypted =
+        openssl_encrypt(&signed, &[receiver.cert.as_path()], cipher, oaep).expect("encrypt");
     with_outer_headers(&encrypted)
 }
 
@@ -114,9 +126,15 @@ fn sha384_and_sha512_signatures_are_accepted() {
     let agent = world.agent(AgentSettings::default());
     for (digest, name) in [("sha384", "SHA384"), ("sha512", "SHA512")] {
         let msg = openssl_message(&world, digest, "aes-256-cbc", false);
-        let opened = agent.open(open_request(&msg)).unwrap_or_else(|e| panic!("{digest}: {e}"));
+        let opened = agent
+            .open(open_request(&msg))
+            .unwrap_or_else(|e| panic!("{digest}: {e}"));
         assert_eq!(opened.report.signer.digest, name);
-        assert!(opened.report.warnings.is_empty(), "{:?}", opened.report.warnings);
+        assert!(
+            opened.report.warnings.is_empty(),
+            "{:?}",
+            opened.report.warnings
+        );
     }
 }
 
@@ -131,13 +149,27 @@ fn x_pkcs7_mime_and_micalg_spellings_are_accepted() {
     // micalg without the hyphen, as some implementations write it.
     let signed = String::from_utf8_lossy(&signed).replace("micalg=\"sha-256\"", "micalg=sha256");
     assert!(signed.contains("micalg=sha256"), "{signed}");
-    let encrypted = openssl_encrypt(signed.as_bytes(), &[receiver.cert.as_path()], "aes-256-cbc", false).expect("enc");
-    let encrypted = String::from_utf8_lossy(&encrypted).replace("application/pkcs7-mime", "application/x-pkcs7-mime");
+    let encrypted = openssl_encrypt(
+        signed.as_bytes(),
+        &[receiver.cert.as_path()],
+        "aes-256-cbc",
+        false,
+    )
+    .expect("enc");
+    let encrypted = String::from_utf8_lossy(&encrypted)
+        .replace("application/pkcs7-mime", "application/x-pkcs7-mime");
     let msg = with_outer_headers(encrypted.as_bytes());
     let opened = agent.open(open_request(&msg)).expect("opens");
-    assert_eq!(opened.report.envelope.media_type, "application/x-pkcs7-mime");
+    assert_eq!(
+        opened.report.envelope.media_type,
+        "application/x-pkcs7-mime"
+    );
     assert_eq!(opened.report.micalg.as_deref(), Some("sha256"));
-    assert!(opened.report.warnings.is_empty(), "{:?}", opened.report.warnings);
+    assert!(
+        opened.report.warnings.is_empty(),
+        "{:?}",
+        opened.report.warnings
+    );
 }
 
 #[test]
@@ -148,11 +180,16 @@ fn unwrapped_messages_open_with_a_warning() {
     let receiver = world.files("receiver");
     let entity = b"Content-Type: text/plain\r\n\r\nunwrapped body\r\n";
     let signed = openssl_sign(entity, &alice.cert, &alice.key, "sha256").expect("sign");
-    let encrypted = openssl_encrypt(&signed, &[receiver.cert.as_path()], "aes-256-cbc", false).expect("enc");
+    let encrypted =
+        openssl_encrypt(&signed, &[receiver.cert.as_path()], "aes-256-cbc", false).expect("enc");
     let msg = with_outer_headers(&encrypted);
     let opened = agent.open(open_request(&msg)).expect("opens");
     assert!(!opened.report.wrapped);
-    assert!(opened.report.warnings.iter().any(|w| w.contains("not wrapped")));
+    assert!(opened
+        .report
+        .warnings
+        .iter()
+        .any(|w| w.contains("not wrapped")));
     let text = String::from_utf8_lossy(&opened.message).to_string();
     assert!(text.starts_with(&format!("From: {ALICE}")), "{text}");
     assert!(text.contains("unwrapped body"));
@@ -164,7 +201,10 @@ fn ecdsa_signers_on_p256_and_p384_are_accepted() {
     let world = World::new();
     let agent = world.agent(AgentSettings::default());
     let receiver = world.files("receiver");
-    for (kind, label) in [(KeyKind::EcP256, "ECDSA P-256"), (KeyKind::EcP384, "ECDSA P-384")] {
+    for (kind, label) in [
+        (KeyKind::EcP256, "ECDSA P-256"),
+        (KeyKind::EcP384, "ECDSA P-384"),
+    ] {
         let spec = LeafSpec {
             key: kind,
             ..LeafSpec::address(ALICE)
@@ -173,19 +213,36 @@ fn ecdsa_signers_on_p256_and_p384_are_accepted() {
         let dir = world.path(label);
         pki::save(&ec, &dir).expect("save");
         let wrapped = hispd::smime::wrap(&message("ec", "signed with ECDSA"));
-        let signed = openssl_sign(&wrapped, &dir.join("cert.pem"), &dir.join("key.pem"), "sha256").expect("sign");
-        let encrypted = openssl_encrypt(&signed, &[receiver.cert.as_path()], "aes-256-cbc", false).expect("enc");
+        let signed = openssl_sign(
+            &wrapped,
+            &dir.join("cert.pem"),
+            &dir.join("key.pem"),
+            "sha256",
+        )
+        .expect("sign");
+        let encrypted = openssl_encrypt(&signed, &[receiver.cert.as_path()], "aes-256-cbc", false)
+            .expect("enc");
         let msg = with_outer_headers(&encrypted);
-        let opened = agent.open(open_request(&msg)).unwrap_or_else(|e| panic!("{label}: {e}"));
+        let opened = agent
+            .open(open_request(&msg))
+            .unwrap_or_else(|e| panic!("{label}: {e}"));
         assert_eq!(opened.report.signer.key, label);
-        assert!(opened.report.signer.signature_algorithm.contains("ecdsa"), "{}", opened.report.signer.signature_algorithm);
+        assert!(
+            opened.report.signer.signature_algorithm.contains("ecdsa"),
+            "{}",
+            opened.report.signer.signature_algorithm
+        );
     }
 }
 
 #[test]
 fn several_recipients_each_decrypt_one_message() {
     let world = World::new();
-    let carol_cert = pki::issue(&world.receiver_ca, &LeafSpec::address("carol@receiver.example")).expect("carol");
+    let carol_cert = pki::issue(
+        &world.receiver_ca,
+        &LeafSpec::address("carol@receiver.example"),
+    )
+    .expect("carol");
     let carol_dir = world.path("carol");
     pki::save(&carol_cert, &carol_dir).expect("save");
     let sealed = world
@@ -203,7 +260,8 @@ fn several_recipients_each_decrypt_one_message() {
         .expect("seal");
     assert_eq!(sealed.report.recipients.len(), 2);
     for dir in [world.path("receiver"), carol_dir] {
-        let signed = openssl_decrypt(&sealed.message, &dir.join("cert.pem"), &dir.join("key.pem")).expect("decrypt");
+        let signed = openssl_decrypt(&sealed.message, &dir.join("cert.pem"), &dir.join("key.pem"))
+            .expect("decrypt");
         let content = openssl_verify(&signed, &world.files("sender-ca").cert).expect("verify");
         assert!(String::from_utf8_lossy(&content).contains("both read this"));
     }

@@ -87,6 +87,8 @@ impl Agent {
     /// SMTP layer opens once per domain.
     pub fn open(&self, req: OpenRequest<'_>) -> Result<Opened, AgentError> {
         let recipients: Vec<DirectAddress> = if req.rcpt_to.is_empty() {
+            // Without an envelope the headers name the recipients: they must parse.
+            mime::Entity::parse(req.message)?;
             let parsed = MessageParser::default().parse(req.message);
             let mut all = addresses(parsed.as_ref().and_then(|m| m.to()));
             all.extend(addresses(parsed.as_ref().and_then(|m| m.cc())));
@@ -98,24 +100,34 @@ impl Agent {
             .iter()
             .find_map(|r| self.domain(r.domain()))
             .ok_or_else(|| {
-                AgentError::NoLocalRecipient(
+                AgentError::NoLocalRecipient(if recipients.is_empty() {
+                    "the message names no recipient in To or Cc".into()
+                } else {
                     recipients
                         .iter()
                         .map(|r| r.to_string())
                         .collect::<Vec<_>>()
-                        .join(", "),
-                )
+                        .join(", ")
+                })
             })?;
         self.open_for_domain(domain, req)
     }
 
     /// Opens with the keys and anchors of `domain`.
-    pub fn open_for_domain(&self, domain: &LocalDomain, req: OpenRequest<'_>) -> Result<Opened, AgentError> {
+    pub fn open_for_domain(
+        &self,
+        domain: &LocalDomain,
+        req: OpenRequest<'_>,
+    ) -> Result<Opened, AgentError> {
         let mut warnings = Vec::new();
         let encrypted = match smime::parse_encrypted(req.message) {
             Ok(e) => e,
             Err(SmimeError::NotEncrypted(ct)) => {
-                let hint = if ct.contains("signed") { " (signed but not encrypted)" } else { "" };
+                let hint = if ct.contains("signed") {
+                    ", signed but not encrypted"
+                } else {
+                    ""
+                };
                 return Err(SmimeError::NotEncrypted(format!("{ct}{hint}")).into());
             }
             Err(e) => return Err(e.into()),
@@ -158,15 +170,25 @@ impl Agent {
         let digests = signed.digests();
         if !digests.iter().any(|d| trust::check_digest(*d).is_ok()) {
             let first = digests.first().copied().unwrap_or(openssl::nid::Nid::UNDEF);
-            let err = trust::check_digest(first).err().unwrap_or(trust::TrustError::ForbiddenDigest(
-                "none (no SignerInfo)".into(),
-            ));
+            let err =
+                trust::check_digest(first)
+                    .err()
+                    .unwrap_or(trust::TrustError::ForbiddenDigest(
+                        "none (no SignerInfo)".into(),
+                    ));
             return Err(AgentError::Digest(err));
         }
-        let (signers, carried, content) = signed.verify()?;
+        let smime::Verified {
+            signers,
+            certificates: carried,
+            content,
+        } = signed.verify()?;
         let (inner, wrapped) = unwrap(req.message, &content)?;
         if !wrapped {
-            warnings.push("the message is not wrapped: its outer headers are not protected by the signature".into());
+            warnings.push(
+                "the message is not wrapped: its outer headers are not protected by the signature"
+                    .into(),
+            );
         }
 
         let parsed = MessageParser::default().parse(&inner);
@@ -209,12 +231,17 @@ impl Agent {
                 let key = trust::check_key(&s.cert, KeyUse::Sign, self.settings.min_rsa_bits)
                     .map_err(AgentError::SignerKey)?;
                 trust::check_key_usage(&s.cert, KeyUse::Sign).map_err(AgentError::SignerKey)?;
-                let binding = trust::check_binding(&s.cert, &from, true).map_err(AgentError::SignerBinding)?;
+                let binding = trust::check_binding(&s.cert, &from, true)
+                    .map_err(AgentError::SignerBinding)?;
                 Ok(SignerReport {
                     certificate: CertSummary::of(&s.cert),
                     key,
                     digest: s.digest.short_name().unwrap_or("?").to_string(),
-                    signature_algorithm: s.signature_algorithm.short_name().unwrap_or("?").to_string(),
+                    signature_algorithm: s
+                        .signature_algorithm
+                        .short_name()
+                        .unwrap_or("?")
+                        .to_string(),
                     binding,
                     trust: path,
                 })
@@ -275,11 +302,20 @@ impl Agent {
             signer,
             wrapped,
             from: from.to_string(),
-            message_id: parsed.as_ref().and_then(|m| m.message_id()).map(|s| format!("<{s}>")),
-            subject: parsed.as_ref().and_then(|m| m.subject()).map(str::to_string),
+            message_id: parsed
+                .as_ref()
+                .and_then(|m| m.message_id())
+                .map(|s| format!("<{s}>")),
+            subject: parsed
+                .as_ref()
+                .and_then(|m| m.subject())
+                .map(str::to_string),
             warnings,
         };
-        Ok(Opened { message: inner, report })
+        Ok(Opened {
+            message: inner,
+            report,
+        })
     }
 }
 
@@ -287,7 +323,10 @@ impl OpenReport {
     /// A few lines for people.
     pub fn summary(&self) -> String {
         let mut s = String::new();
-        s.push_str(&format!("trusted message from {} to domain {}\n", self.from, self.domain));
+        s.push_str(&format!(
+            "trusted message from {} to domain {}\n",
+            self.from, self.domain
+        ));
         s.push_str(&format!(
             "  encryption: {} {} via {} ({}), decrypted with \"{}\"\n",
             self.envelope.structure,

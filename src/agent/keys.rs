@@ -12,19 +12,19 @@ use std::sync::OnceLock;
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{path}: {why}")]
     Bad { path: PathBuf, why: String },
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, KeyError> {
-    fs::read(path).map_err(|source| KeyError::Io {
+    fs::read(path).map_err(|error| KeyError::Io {
         path: path.to_path_buf(),
-        source,
+        error,
     })
 }
 
@@ -36,10 +36,13 @@ fn pem_items(path: &Path, data: &[u8]) -> Result<(Vec<X509>, Vec<PKey<Private>>)
     let mut rest: &str = &text;
     while let Some(start) = rest.find("-----BEGIN ") {
         let block = &rest[start..];
-        let label_end = block[11..].find("-----").map(|i| i + 11).ok_or_else(|| KeyError::Bad {
-            path: path.to_path_buf(),
-            why: "unterminated PEM header".into(),
-        })?;
+        let label_end = block[11..]
+            .find("-----")
+            .map(|i| i + 11)
+            .ok_or_else(|| KeyError::Bad {
+                path: path.to_path_buf(),
+                why: "unterminated PEM header".into(),
+            })?;
         let label = &block[11..label_end];
         let end_marker = format!("-----END {label}-----");
         let end = block.find(&end_marker).ok_or_else(|| KeyError::Bad {
@@ -49,7 +52,7 @@ fn pem_items(path: &Path, data: &[u8]) -> Result<(Vec<X509>, Vec<PKey<Private>>)
         let pem = &block[..end];
         let bad = |what: &str, e: openssl::error::ErrorStack| KeyError::Bad {
             path: path.to_path_buf(),
-            why: format!("bad {what}: {e}"),
+            why: format!("bad {what}: {}", crate::smime::openssl_reason(&e)),
         };
         if label == "CERTIFICATE" {
             certs.push(X509::from_pem(pem.as_bytes()).map_err(|e| bad("certificate", e))?);
@@ -60,7 +63,9 @@ fn pem_items(path: &Path, data: &[u8]) -> Result<(Vec<X509>, Vec<PKey<Private>>)
                     why: "encrypted private keys are not supported in PEM; use PKCS#12 with a password".into(),
                 });
             }
-            keys.push(PKey::private_key_from_pem(pem.as_bytes()).map_err(|e| bad("private key", e))?);
+            keys.push(
+                PKey::private_key_from_pem(pem.as_bytes()).map_err(|e| bad("private key", e))?,
+            );
         }
         rest = &block[end..];
     }
@@ -76,11 +81,9 @@ fn pair(
 ) -> Result<Vec<PrivateCredential>, KeyError> {
     let mut out = Vec::new();
     for key in keys {
-        let leaf = certs.iter().find(|c| {
-            c.public_key()
-                .map(|p| p.public_eq(&key))
-                .unwrap_or(false)
-        });
+        let leaf = certs
+            .iter()
+            .find(|c| c.public_key().map(|p| p.public_eq(&key)).unwrap_or(false));
         let Some(leaf) = leaf else {
             return Err(KeyError::Bad {
                 path: source.to_path_buf(),
@@ -128,16 +131,19 @@ pub fn load_pem_credentials(files: &[&Path]) -> Result<Vec<PrivateCredential>, K
 
 /// Every PEM credential in a directory (files ending .pem, .crt, .key).
 pub fn load_private_dir(dir: &Path) -> Result<Vec<PrivateCredential>, KeyError> {
-    let entries = fs::read_dir(dir).map_err(|source| KeyError::Io {
+    let entries = fs::read_dir(dir).map_err(|error| KeyError::Io {
         path: dir.to_path_buf(),
-        source,
+        error,
     })?;
     let mut files: Vec<PathBuf> = entries
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
             p.is_file()
                 && matches!(
-                    p.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase()).as_deref(),
+                    p.extension()
+                        .and_then(|e| e.to_str())
+                        .map(|e| e.to_ascii_lowercase())
+                        .as_deref(),
                     Some("pem" | "crt" | "key")
                 )
         })
@@ -182,19 +188,35 @@ pub fn load_pkcs12(path: &Path, password: &str) -> Result<PrivateCredential, Key
         path: path.to_path_buf(),
         why,
     };
-    let p12 = Pkcs12::from_der(&data).map_err(|e| bad(format!("not a PKCS#12 file: {e}")))?;
+    let p12 = Pkcs12::from_der(&data).map_err(|e| {
+        bad(format!(
+            "not a PKCS#12 file: {}",
+            crate::smime::openssl_reason(&e)
+        ))
+    })?;
     let parsed = match p12.parse2(password) {
         Ok(p) => p,
         Err(first) => {
             if !load_legacy_provider() {
-                return Err(bad(format!("cannot open (wrong password?): {first}")));
+                return Err(bad(format!(
+                    "cannot open (wrong password?): {}",
+                    crate::smime::openssl_reason(&first)
+                )));
             }
-            p12.parse2(password)
-                .map_err(|e| bad(format!("cannot open (wrong password?): {e}")))?
+            p12.parse2(password).map_err(|e| {
+                bad(format!(
+                    "cannot open (wrong password?): {}",
+                    crate::smime::openssl_reason(&e)
+                ))
+            })?
         }
     };
-    let cert = parsed.cert.ok_or_else(|| bad("no certificate inside".into()))?;
-    let key = parsed.pkey.ok_or_else(|| bad("no private key inside".into()))?;
+    let cert = parsed
+        .cert
+        .ok_or_else(|| bad("no certificate inside".into()))?;
+    let key = parsed
+        .pkey
+        .ok_or_else(|| bad("no private key inside".into()))?;
     let chain = parsed
         .ca
         .map(|s| s.into_iter().collect())

@@ -164,14 +164,17 @@ pub enum AgentError {
     #[error("no private certificate of {domain} can sign for {sender} (need one bound to the address or the domain)")]
     NoSigningCredential { sender: String, domain: String },
     #[error("our signing certificate for {sender} cannot be used: {reason}")]
-    SigningCredential { sender: String, reason: TrustError },
+    SigningCredential {
+        sender: String,
+        reason: Box<TrustError>,
+    },
     #[error("no certificate was given for recipient {0}")]
     NoRecipientCertificate(String),
     #[error("recipient {recipient}: certificate \"{subject}\" refused: {reason}")]
     RecipientCertificate {
         recipient: String,
         subject: String,
-        reason: TrustError,
+        reason: Box<TrustError>,
     },
     #[error("certificate \"{0}\" is bound to none of the recipients")]
     UnmatchedRecipientCertificate(String),
@@ -187,7 +190,9 @@ pub enum AgentError {
     NoFrom(String),
     #[error("envelope sender {mail_from} matches neither From ({from}) nor Sender")]
     EnvelopeSender { mail_from: String, from: String },
-    #[error("envelope recipient {0} is in neither the To nor the Cc header of the protected message")]
+    #[error(
+        "envelope recipient {0} is in neither the To nor the Cc header of the protected message"
+    )]
     EnvelopeRecipient(String),
 }
 
@@ -209,7 +214,9 @@ impl AgentError {
             },
             AgentError::NotLocal { .. } | AgentError::NoLocalRecipient(_) => "not-local",
             AgentError::NoDecryptionKey { .. } => "no-private-key",
-            AgentError::NoSigningCredential { .. } | AgentError::SigningCredential { .. } => "signing-certificate",
+            AgentError::NoSigningCredential { .. } | AgentError::SigningCredential { .. } => {
+                "signing-certificate"
+            }
             AgentError::NoRecipientCertificate(_)
             | AgentError::RecipientCertificate { .. }
             | AgentError::UnmatchedRecipientCertificate(_) => "recipient-certificate",

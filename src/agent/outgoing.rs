@@ -58,6 +58,9 @@ const OUTER_HEADERS: &[&str] = &[
     "References",
 ];
 
+/// A recipient, its usable certificates, and why the first unusable one was not.
+type RecipientCandidates = (DirectAddress, Vec<Usable>, Option<(String, TrustError)>);
+
 struct Usable {
     cert: X509,
     binding: Binding,
@@ -85,7 +88,11 @@ fn check_recipient_certificate(
     Ok((binding, path.anchor.subject))
 }
 
-fn check_signing_credential(cred: &PrivateCredential, at: i64, min_rsa_bits: u32) -> Result<(), TrustError> {
+fn check_signing_credential(
+    cred: &PrivateCredential,
+    at: i64,
+    min_rsa_bits: u32,
+) -> Result<(), TrustError> {
     let cert = &cred.credential.cert;
     trust::check_key(cert, KeyUse::Sign, min_rsa_bits)?;
     trust::check_key_usage(cert, KeyUse::Sign)?;
@@ -107,11 +114,15 @@ fn check_signing_credential(cred: &PrivateCredential, at: i64, min_rsa_bits: u32
 
 /// Adds Date and Message-ID when the original lacks them: every Direct
 /// message needs a Message-ID for delivery notifications to refer to.
-fn complete_headers(message: &[u8], from: &DirectAddress) -> Result<(Vec<u8>, Option<String>), AgentError> {
+fn complete_headers(
+    message: &[u8],
+    from: &DirectAddress,
+) -> Result<(Vec<u8>, Option<String>), AgentError> {
     let entity = mime::Entity::parse(message)?;
     let mut prefix = Vec::new();
     if entity.header("Date").is_none() {
-        prefix.extend_from_slice(format!("Date: {}\r\n", chrono::Utc::now().to_rfc2822()).as_bytes());
+        prefix
+            .extend_from_slice(format!("Date: {}\r\n", chrono::Utc::now().to_rfc2822()).as_bytes());
     }
     let message_id = match entity.header("Message-ID") {
         Some(id) => Some(id.to_string()),
@@ -130,20 +141,26 @@ fn complete_headers(message: &[u8], from: &DirectAddress) -> Result<(Vec<u8>, Op
 impl Agent {
     /// Seals `req.message` from `req.from` for every recipient.
     pub fn seal(&self, req: SealRequest<'_>) -> Result<Sealed, AgentError> {
-        let domain = self.domain(req.from.domain()).ok_or_else(|| AgentError::NotLocal {
-            domain: req.from.domain().to_string(),
-        })?;
+        let domain = self
+            .domain(req.from.domain())
+            .ok_or_else(|| AgentError::NotLocal {
+                domain: req.from.domain().to_string(),
+            })?;
         self.seal_for_domain(domain, req)
     }
 
     /// Seals with the keys and anchors of `domain` (which need not be
     /// registered in the agent: the CLI builds one from flags).
-    pub fn seal_for_domain(&self, domain: &LocalDomain, req: SealRequest<'_>) -> Result<Sealed, AgentError> {
+    pub fn seal_for_domain(
+        &self,
+        domain: &LocalDomain,
+        req: SealRequest<'_>,
+    ) -> Result<Sealed, AgentError> {
         let settings = &self.settings;
         let mut warnings = Vec::new();
 
         // Every recipient needs at least one usable certificate.
-        let mut per_recipient: Vec<(DirectAddress, Vec<Usable>, Option<(String, TrustError)>)> = req
+        let mut per_recipient: Vec<RecipientCandidates> = req
             .recipients
             .iter()
             .map(|r| (r.clone(), Vec::new(), None))
@@ -151,7 +168,13 @@ impl Agent {
         for cert in &req.recipient_certificates {
             let mut matched = false;
             for (address, usable, first_error) in per_recipient.iter_mut() {
-                match check_recipient_certificate(domain, cert, address, req.at, settings.min_rsa_bits) {
+                match check_recipient_certificate(
+                    domain,
+                    cert,
+                    address,
+                    req.at,
+                    settings.min_rsa_bits,
+                ) {
                     Ok((binding, anchor)) => {
                         matched = true;
                         usable.push(Usable {
@@ -163,7 +186,10 @@ impl Agent {
                     Err(TrustError::NotBound { .. }) => {}
                     Err(e) => {
                         matched = true;
-                        warnings.push(format!("{address}: certificate \"{}\" not used: {e}", trust::subject(cert)));
+                        warnings.push(format!(
+                            "{address}: certificate \"{}\" not used: {e}",
+                            trust::subject(cert)
+                        ));
                         if first_error.is_none() {
                             *first_error = Some((trust::subject(cert), e));
                         }
@@ -171,7 +197,9 @@ impl Agent {
                 }
             }
             if !matched {
-                return Err(AgentError::UnmatchedRecipientCertificate(trust::subject(cert)));
+                return Err(AgentError::UnmatchedRecipientCertificate(trust::subject(
+                    cert,
+                )));
             }
         }
         for (address, usable, first_error) in per_recipient.iter_mut() {
@@ -180,7 +208,7 @@ impl Agent {
                     Some((subject, reason)) => AgentError::RecipientCertificate {
                         recipient: address.to_string(),
                         subject,
-                        reason,
+                        reason: Box::new(reason),
                     },
                     None => AgentError::NoRecipientCertificate(address.to_string()),
                 });
@@ -213,7 +241,7 @@ impl Agent {
             (None, Some(reason)) => {
                 return Err(AgentError::SigningCredential {
                     sender: req.from.to_string(),
-                    reason,
+                    reason: Box::new(reason),
                 })
             }
             (None, None) => {
@@ -231,7 +259,10 @@ impl Agent {
         for (_, usable, _) in &per_recipient {
             for u in usable {
                 let der = u.cert.to_der().map_err(smime::SmimeError::from)?;
-                if !certs.iter().any(|c| c.to_der().ok().as_deref() == Some(der.as_slice())) {
+                if !certs
+                    .iter()
+                    .any(|c| c.to_der().ok().as_deref() == Some(der.as_slice()))
+                {
                     certs.push(u.cert.clone());
                 }
             }
@@ -241,14 +272,24 @@ impl Agent {
         let original_entity = mime::Entity::parse(&original)?;
         let mut out = Vec::with_capacity(der.len() * 4 / 3 + 1024);
         for name in OUTER_HEADERS {
-            for h in original_entity.headers.iter().filter(|h| h.name.eq_ignore_ascii_case(name)) {
+            for h in original_entity
+                .headers
+                .iter()
+                .filter(|h| h.name.eq_ignore_ascii_case(name))
+            {
                 out.extend_from_slice(&mime::to_crlf(&h.raw));
             }
         }
         match &settings.outer_subject {
-            OuterSubject::Hide(text) => out.extend_from_slice(format!("Subject: {text}\r\n").as_bytes()),
+            OuterSubject::Hide(text) => {
+                out.extend_from_slice(format!("Subject: {text}\r\n").as_bytes())
+            }
             OuterSubject::Copy => {
-                for h in original_entity.headers.iter().filter(|h| h.name.eq_ignore_ascii_case("Subject")) {
+                for h in original_entity
+                    .headers
+                    .iter()
+                    .filter(|h| h.name.eq_ignore_ascii_case("Subject"))
+                {
                     out.extend_from_slice(&mime::to_crlf(&h.raw));
                 }
             }
@@ -281,7 +322,10 @@ impl Agent {
                 .collect(),
             warnings,
         };
-        Ok(Sealed { message: out, report })
+        Ok(Sealed {
+            message: out,
+            report,
+        })
     }
 }
 
@@ -299,7 +343,10 @@ impl SealReport {
         );
         for r in &self.recipients {
             for (c, a) in r.certificates.iter().zip(&r.anchors) {
-                s.push_str(&format!("  to {}: \"{}\" (anchor \"{a}\")\n", r.address, c.subject));
+                s.push_str(&format!(
+                    "  to {}: \"{}\" (anchor \"{a}\")\n",
+                    r.address, c.subject
+                ));
             }
         }
         for w in &self.warnings {

@@ -142,13 +142,7 @@ pub fn signer_algorithms(cms: &CmsContentInfo) -> Vec<(Nid, Nid)> {
             let mut sig: *mut sys::X509_ALGOR = ptr::null_mut();
             // SAFETY: si is a member of the SignerInfos stack.
             unsafe {
-                CMS_SignerInfo_get0_algs(
-                    si,
-                    ptr::null_mut(),
-                    ptr::null_mut(),
-                    &mut dig,
-                    &mut sig,
-                );
+                CMS_SignerInfo_get0_algs(si, ptr::null_mut(), ptr::null_mut(), &mut dig, &mut sig);
             }
             (nid_of_algor(dig), nid_of_algor(sig))
         })
@@ -225,6 +219,13 @@ pub fn key_usage(cert: &X509Ref) -> Option<u32> {
     }
 }
 
+/// Whether the certificate is a CA (basicConstraints cA=TRUE).
+pub fn is_ca(cert: &X509Ref) -> bool {
+    // SAFETY: cert is valid; the flags are computed and cached inside it.
+    let flags = unsafe { sys::X509_get_extension_flags(cert.as_ptr()) };
+    flags & sys::EXFLAG_CA != 0
+}
+
 /// A detached SignedData over `data` by one signer with an explicit digest.
 pub fn sign_detached<T: HasPrivate>(
     data: &[u8],
@@ -291,7 +292,9 @@ pub fn encrypt(
             }
             if oaep {
                 let pctx = CMS_RecipientInfo_get0_pkey_ctx(ri);
-                if pctx.is_null() || sys::EVP_PKEY_CTX_set_rsa_padding(pctx, RSA_PKCS1_OAEP_PADDING) <= 0 {
+                if pctx.is_null()
+                    || sys::EVP_PKEY_CTX_set_rsa_padding(pctx, RSA_PKCS1_OAEP_PADDING) <= 0
+                {
                     return Err(ErrorStack::get());
                 }
             }
@@ -319,13 +322,19 @@ mod tests {
     fn sign_reports_signer_and_digest_after_verify() {
         let id = identity();
         let chain = Stack::new().expect("stack");
-        let mut cms =
-            sign_detached(b"hello", &id.cert, &id.key, &chain, MessageDigest::sha384()).expect("sign");
+        let mut cms = sign_detached(b"hello", &id.cert, &id.key, &chain, MessageDigest::sha384())
+            .expect("sign");
         assert_eq!(content_type(&cms), Nid::PKCS7_SIGNED);
         assert_eq!(signer_algorithms(&cms)[0].0, Nid::SHA384);
         assert_eq!(certificates(&cms).len(), 1);
-        cms.verify(None, None, Some(b"hello"), None, CMSOptions::NO_SIGNER_CERT_VERIFY | CMSOptions::BINARY)
-            .expect("verify");
+        cms.verify(
+            None,
+            None,
+            Some(b"hello"),
+            None,
+            CMSOptions::NO_SIGNER_CERT_VERIFY | CMSOptions::BINARY,
+        )
+        .expect("verify");
         let signers = signers(&cms);
         assert_eq!(signers.len(), 1);
         assert_eq!(signers[0].to_der().unwrap(), id.cert.to_der().unwrap());
@@ -333,8 +342,31 @@ mod tests {
         let der = cms.to_der().unwrap();
         let mut again = CmsContentInfo::from_der(&der).unwrap();
         assert!(again
-            .verify(None, None, Some(b"hellO"), None, CMSOptions::NO_SIGNER_CERT_VERIFY | CMSOptions::BINARY)
+            .verify(
+                None,
+                None,
+                Some(b"hellO"),
+                None,
+                CMSOptions::NO_SIGNER_CERT_VERIFY | CMSOptions::BINARY
+            )
             .is_err());
+    }
+
+    #[test]
+    fn key_usage_and_ca_flags_are_read() {
+        let ca = pki::new_ca("ffi CA", 2048).expect("ca");
+        let leaf = pki::issue(&ca, &pki::LeafSpec::address("a@ffi.example")).expect("leaf");
+        assert!(is_ca(&ca.cert));
+        assert!(!is_ca(&leaf.cert));
+        // digitalSignature (0x80) | keyEncipherment (0x20)
+        assert_eq!(key_usage(&leaf.cert), Some(0x80 | 0x20));
+        let spec = pki::LeafSpec {
+            digital_signature: false,
+            key_encipherment: false,
+            ..pki::LeafSpec::address("b@ffi.example")
+        };
+        let bare = pki::issue(&ca, &spec).expect("leaf without keyUsage");
+        assert_eq!(key_usage(&bare.cert), None);
     }
 
     #[test]
@@ -342,13 +374,25 @@ mod tests {
         let id = identity();
         let other = identity();
         for oaep in [false, true] {
-            let cms = encrypt(b"secret", std::slice::from_ref(&id.cert), Cipher::aes_128_cbc(), oaep)
-                .expect("encrypt");
+            let cms = encrypt(
+                b"secret",
+                std::slice::from_ref(&id.cert),
+                Cipher::aes_128_cbc(),
+                oaep,
+            )
+            .expect("encrypt");
             assert_eq!(content_type(&cms), Nid::PKCS7_ENVELOPED);
             let mine = key_transport_recipients(&cms, Some(&id.cert));
-            let expected = if oaep { Nid::from_raw(sys::NID_rsaesOaep) } else { Nid::RSAENCRYPTION };
+            let expected = if oaep {
+                Nid::from_raw(sys::NID_rsaesOaep)
+            } else {
+                Nid::RSAENCRYPTION
+            };
             assert_eq!(mine, vec![(expected, true)]);
-            assert_eq!(key_transport_recipients(&cms, Some(&other.cert)), vec![(expected, false)]);
+            assert_eq!(
+                key_transport_recipients(&cms, Some(&other.cert)),
+                vec![(expected, false)]
+            );
             assert_eq!(cms.decrypt(&id.key, &id.cert).expect("decrypt"), b"secret");
         }
     }

@@ -61,6 +61,26 @@ impl ContentType {
     }
 }
 
+/// The start of a bad line, printable, for error messages.
+fn excerpt(line: &[u8]) -> String {
+    let text: String = String::from_utf8_lossy(line)
+        .chars()
+        .take(60)
+        .map(|c| {
+            if c.is_control() || c == '\u{fffd}' {
+                '.'
+            } else {
+                c
+            }
+        })
+        .collect();
+    if line.len() > 60 {
+        format!("{text}...")
+    } else {
+        text
+    }
+}
+
 /// Splits bytes into lines, each including its terminator (CRLF, LF).
 fn lines(data: &[u8]) -> impl Iterator<Item = &[u8]> {
     data.split_inclusive(|&b| b == b'\n')
@@ -98,21 +118,25 @@ impl<'a> Entity<'a> {
                         h.value.push_str(String::from_utf8_lossy(content).trim());
                         h.raw.extend_from_slice(&data[start..offset]);
                     }
-                    None => return Err(MimeError::BadHeader(String::from_utf8_lossy(content).into())),
+                    None => return Err(MimeError::BadHeader(excerpt(content))),
                 }
                 continue;
             }
             let colon = content
                 .iter()
                 .position(|&b| b == b':')
-                .ok_or_else(|| MimeError::BadHeader(String::from_utf8_lossy(content).chars().take(80).collect()))?;
-            let name = String::from_utf8_lossy(&content[..colon]).trim().to_string();
+                .ok_or_else(|| MimeError::BadHeader(excerpt(content)))?;
+            let name = String::from_utf8_lossy(&content[..colon])
+                .trim()
+                .to_string();
             if name.is_empty() || name.bytes().any(|b| !(33..=126).contains(&b)) {
-                return Err(MimeError::BadHeader(String::from_utf8_lossy(content).chars().take(80).collect()));
+                return Err(MimeError::BadHeader(excerpt(content)));
             }
             headers.push(Header {
                 name,
-                value: String::from_utf8_lossy(&content[colon + 1..]).trim().to_string(),
+                value: String::from_utf8_lossy(&content[colon + 1..])
+                    .trim()
+                    .to_string(),
                 raw: data[start..offset].to_vec(),
             });
         }
@@ -155,7 +179,10 @@ impl<'a> Entity<'a> {
     /// line break before a delimiter belongs to the delimiter).
     pub fn multipart_parts(&self) -> Result<Vec<&'a [u8]>, MimeError> {
         let ct = self.content_type();
-        let boundary = ct.param("boundary").ok_or(MimeError::NoBoundary)?.to_string();
+        let boundary = ct
+            .param("boundary")
+            .ok_or(MimeError::NoBoundary)?
+            .to_string();
         split_multipart(self.body, &boundary)
     }
 }
@@ -207,7 +234,11 @@ pub fn split_multipart<'a>(body: &'a [u8], boundary: &str) -> Result<Vec<&'a [u8
 /// Parses `type/subtype; name=value; name="quoted value"`.
 pub fn parse_content_type(value: &str) -> ContentType {
     let mut pieces = split_params(value).into_iter();
-    let mime_type = pieces.next().unwrap_or_default().trim().to_ascii_lowercase();
+    let mime_type = pieces
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
     let params = pieces
         .filter_map(|p| {
             let (name, value) = p.split_once('=')?;
@@ -241,12 +272,12 @@ fn unquote(s: &str) -> String {
 
 /// Splits on `;` outside quoted strings and drops (comments).
 fn split_params(value: &str) -> Vec<String> {
-    let mut out = vec![String::new()];
+    let mut out = Vec::new();
+    let mut cur = String::new();
     let mut quoted = false;
     let mut escaped = false;
     let mut comment = 0usize;
     for c in value.chars() {
-        let cur = out.last_mut().expect("out always has one element");
         if quoted {
             cur.push(c);
             if escaped {
@@ -266,10 +297,11 @@ fn split_params(value: &str) -> Vec<String> {
                 quoted = true;
                 cur.push(c);
             }
-            ';' => out.push(String::new()),
+            ';' => out.push(std::mem::take(&mut cur)),
             _ => cur.push(c),
         }
     }
+    out.push(cur);
     out.into_iter().filter(|s| !s.trim().is_empty()).collect()
 }
 
@@ -279,8 +311,14 @@ pub fn decode_base64(data: &[u8]) -> Result<Vec<u8>, MimeError> {
         &alphabet::STANDARD,
         GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
     );
-    let clean: Vec<u8> = data.iter().copied().filter(|b| !b.is_ascii_whitespace()).collect();
-    engine.decode(&clean).map_err(|e| MimeError::Base64(e.to_string()))
+    let clean: Vec<u8> = data
+        .iter()
+        .copied()
+        .filter(|b| !b.is_ascii_whitespace())
+        .collect();
+    engine
+        .decode(&clean)
+        .map_err(|e| MimeError::Base64(e.to_string()))
 }
 
 /// Base64 in 76-character lines with CRLF, as RFC 2045 asks.
@@ -340,7 +378,8 @@ mod tests {
 
     #[test]
     fn multipart_parts_exclude_the_delimiter_line_break() {
-        let body = b"preamble\r\n--xy\r\nA: 1\r\n\r\none\r\n\r\n--xy\r\n\r\ntwo\r\n--xy--\r\nepilogue";
+        let body =
+            b"preamble\r\n--xy\r\nA: 1\r\n\r\none\r\n\r\n--xy\r\n\r\ntwo\r\n--xy--\r\nepilogue";
         let parts = split_multipart(body, "xy").unwrap();
         assert_eq!(parts, vec![&b"A: 1\r\n\r\none\r\n"[..], &b"\r\ntwo"[..]]);
         // LF-only messages
@@ -359,8 +398,14 @@ mod tests {
             Err(MimeError::Unterminated("xy".into()))
         );
         assert_eq!(Entity::parse(b"").err(), Some(MimeError::Empty));
-        assert_eq!(Entity::parse(b"Subject: x\r\n").err(), Some(MimeError::NoBody));
-        assert!(matches!(Entity::parse(b"no colon here\r\n\r\n"), Err(MimeError::BadHeader(_))));
+        assert_eq!(
+            Entity::parse(b"Subject: x\r\n").err(),
+            Some(MimeError::NoBody)
+        );
+        assert!(matches!(
+            Entity::parse(b"no colon here\r\n\r\n"),
+            Err(MimeError::BadHeader(_))
+        ));
         assert!(decode_base64(b"!!!!").is_err());
     }
 

@@ -46,6 +46,23 @@ pub enum SmimeError {
     OpenSsl(#[from] openssl::error::ErrorStack),
 }
 
+/// OpenSSL's reasons without its source paths and codes, for people and for
+/// SMTP replies: "bad decrypt; wrong final block length".
+pub fn openssl_reason(e: &openssl::error::ErrorStack) -> String {
+    let mut reasons: Vec<String> = Vec::new();
+    for err in e.errors() {
+        let r = err.reason().unwrap_or("unknown error").to_string();
+        if !reasons.contains(&r) {
+            reasons.push(r);
+        }
+    }
+    if reasons.is_empty() {
+        "unknown OpenSSL error".into()
+    } else {
+        reasons.join("; ")
+    }
+}
+
 /// Content encryption for sending.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub enum ContentCipher {
@@ -70,7 +87,9 @@ impl FromStr for ContentCipher {
         match s.to_ascii_lowercase().replace('_', "-").as_str() {
             "aes-128-cbc" | "aes128-cbc" | "aes128" => Ok(ContentCipher::Aes128Cbc),
             "aes-256-cbc" | "aes256-cbc" | "aes256" => Ok(ContentCipher::Aes256Cbc),
-            _ => Err(format!("unknown cipher {s:?}: use aes-128-cbc or aes-256-cbc")),
+            _ => Err(format!(
+                "unknown cipher {s:?}: use aes-128-cbc or aes-256-cbc"
+            )),
         }
     }
 }
@@ -90,7 +109,9 @@ impl FromStr for KeyTransport {
         match s.to_ascii_lowercase().as_str() {
             "rsa-pkcs1" | "pkcs1" | "rsa" => Ok(KeyTransport::RsaPkcs1),
             "rsa-oaep" | "oaep" => Ok(KeyTransport::RsaOaep),
-            _ => Err(format!("unknown key transport {s:?}: use rsa-pkcs1 or rsa-oaep")),
+            _ => Err(format!(
+                "unknown key transport {s:?}: use rsa-pkcs1 or rsa-oaep"
+            )),
         }
     }
 }
@@ -132,7 +153,9 @@ impl FromStr for SigningDigest {
             "sha256" => Ok(SigningDigest::Sha256),
             "sha384" => Ok(SigningDigest::Sha384),
             "sha512" => Ok(SigningDigest::Sha512),
-            _ => Err(format!("unknown or forbidden digest {s:?}: use sha-256, sha-384 or sha-512")),
+            _ => Err(format!(
+                "unknown or forbidden digest {s:?}: use sha-256, sha-384 or sha-512"
+            )),
         }
     }
 }
@@ -146,13 +169,23 @@ pub fn wrap(message: &[u8]) -> Vec<u8> {
 
 /// Signs a MIME entity: returns a `multipart/signed` entity (headers and
 /// body) whose first part is exactly `entity` (canonical CRLF).
-pub fn sign(entity: &[u8], signer: &Credential, digest: SigningDigest) -> Result<Vec<u8>, SmimeError> {
+pub fn sign(
+    entity: &[u8],
+    signer: &Credential,
+    digest: SigningDigest,
+) -> Result<Vec<u8>, SmimeError> {
     let content = to_crlf(entity);
     let mut chain = Stack::new()?;
     for c in &signer.chain {
         chain.push(c.clone())?;
     }
-    let cms = ffi::sign_detached(&content, &signer.cert, &signer.key, &chain, digest.openssl())?;
+    let cms = ffi::sign_detached(
+        &content,
+        &signer.cert,
+        &signer.key,
+        &chain,
+        digest.openssl(),
+    )?;
     let der = cms.to_der()?;
     let boundary = mime::new_boundary();
     let mut out = Vec::with_capacity(content.len() + der.len() * 2 + 512);
@@ -236,18 +269,24 @@ pub fn parse_encrypted(message: &[u8]) -> Result<Encrypted, SmimeError> {
     if let Some(t) = ct.param("smime-type") {
         let t = t.to_ascii_lowercase();
         if t == "signed-data" || t == "certs-only" {
-            return Err(SmimeError::NotEncrypted(format!("{}; smime-type={t}", ct.mime_type)));
+            return Err(SmimeError::NotEncrypted(format!(
+                "{}; smime-type={t}",
+                ct.mime_type
+            )));
         }
     }
     let der = entity.decoded_body()?;
-    let cms = CmsContentInfo::from_der(&der).map_err(|e| SmimeError::BadCms(e.to_string()))?;
+    let cms = CmsContentInfo::from_der(&der).map_err(|e| SmimeError::BadCms(openssl_reason(&e)))?;
     let ctype = ffi::content_type(&cms);
     let structure = if ctype == Nid::PKCS7_ENVELOPED {
         "enveloped-data"
     } else if ctype.short_name().ok() == Some(AUTH_ENVELOPED_SN) {
         "authEnveloped-data"
     } else if ctype == Nid::PKCS7_SIGNED {
-        return Err(SmimeError::NotEncrypted(format!("{} carrying signed-data", ct.mime_type)));
+        return Err(SmimeError::NotEncrypted(format!(
+            "{} carrying signed-data",
+            ct.mime_type
+        )));
     } else {
         return Err(SmimeError::NotEnveloped(nid_name(ctype)));
     };
@@ -298,7 +337,7 @@ impl Encrypted {
             .decrypt(&cred.key, &cred.cert)
             .map_err(|e| SmimeError::DecryptFailed {
                 subject: crate::trust::subject(&cred.cert),
-                why: e.to_string(),
+                why: openssl_reason(&e),
             })
     }
 }
@@ -323,13 +362,21 @@ pub fn parse_signed(entity_bytes: &[u8]) -> Result<Signed, SmimeError> {
         }
         let sig = Entity::parse(parts[1])?;
         let sig_ct = sig.content_type();
-        if !(sig_ct.is("application/pkcs7-signature") || sig_ct.is("application/x-pkcs7-signature")) {
-            return Err(SmimeError::BadSignature(format!("second part is {}", sig_ct.mime_type)));
+        if !(sig_ct.is("application/pkcs7-signature") || sig_ct.is("application/x-pkcs7-signature"))
+        {
+            return Err(SmimeError::BadSignature(format!(
+                "second part is {}",
+                sig_ct.mime_type
+            )));
         }
         let der = sig.decoded_body()?;
-        let cms = CmsContentInfo::from_der(&der).map_err(|e| SmimeError::BadSignature(e.to_string()))?;
+        let cms = CmsContentInfo::from_der(&der)
+            .map_err(|e| SmimeError::BadSignature(openssl_reason(&e)))?;
         if ffi::content_type(&cms) != Nid::PKCS7_SIGNED {
-            return Err(SmimeError::BadSignature(format!("it is {}", nid_name(ffi::content_type(&cms)))));
+            return Err(SmimeError::BadSignature(format!(
+                "it is {}",
+                nid_name(ffi::content_type(&cms))
+            )));
         }
         return Ok(Signed {
             cms,
@@ -359,6 +406,15 @@ pub fn parse_signed(entity_bytes: &[u8]) -> Result<Signed, SmimeError> {
     Err(SmimeError::NotSigned(ct.mime_type))
 }
 
+/// The outcome of a cryptographically valid signature.
+pub struct Verified {
+    pub signers: Vec<SignerResult>,
+    /// Every certificate the SignedData carries (possible intermediates).
+    pub certificates: Vec<X509>,
+    /// The signed content.
+    pub content: Vec<u8>,
+}
+
 /// One SignerInfo whose signature verified.
 pub struct SignerResult {
     pub cert: X509,
@@ -369,12 +425,19 @@ pub struct SignerResult {
 impl Signed {
     /// Verifies the signatures cryptographically (not trust). Returns each
     /// signer with its algorithms, the certificates carried, and the content.
-    pub fn verify(&mut self) -> Result<(Vec<SignerResult>, Vec<X509>, Vec<u8>), SmimeError> {
+    pub fn verify(&mut self) -> Result<Verified, SmimeError> {
         let flags = CMSOptions::NO_SIGNER_CERT_VERIFY | CMSOptions::BINARY;
         let mut out = Vec::new();
         let result = if self.detached {
-            let first = self.cms.verify(None, None, Some(&self.content), None, flags);
-            if first.is_err() && self.content.windows(2).any(|w| w[1] == b'\n' && w[0] != b'\r') {
+            let first = self
+                .cms
+                .verify(None, None, Some(&self.content), None, flags);
+            if first.is_err()
+                && self
+                    .content
+                    .windows(2)
+                    .any(|w| w[1] == b'\n' && w[0] != b'\r')
+            {
                 // Some relays turn CRLF into LF; the signature was made over CRLF.
                 let canonical = to_crlf(&self.content);
                 let again = self.cms.verify(None, None, Some(&canonical), None, flags);
@@ -389,7 +452,7 @@ impl Signed {
             self.cms.verify(None, None, None, Some(&mut out), flags)
         };
         if let Err(e) = result {
-            let text = e.to_string();
+            let text = openssl_reason(&e);
             if text.contains("signer certificate not found") {
                 return Err(SmimeError::NoSignerCertificate);
             }
@@ -412,12 +475,19 @@ impl Signed {
                 signature_algorithm,
             })
             .collect();
-        Ok((signers, ffi::certificates(&self.cms), self.content.clone()))
+        Ok(Verified {
+            signers,
+            certificates: ffi::certificates(&self.cms),
+            content: self.content.clone(),
+        })
     }
 
     /// Digest algorithms of each SignerInfo, readable before verification.
     pub fn digests(&self) -> Vec<Nid> {
-        ffi::signer_algorithms(&self.cms).into_iter().map(|(d, _)| d).collect()
+        ffi::signer_algorithms(&self.cms)
+            .into_iter()
+            .map(|(d, _)| d)
+            .collect()
     }
 }
 
@@ -466,7 +536,13 @@ mod der_walk {
                 return None;
             }
         }
-        Some(parts.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("."))
+        Some(
+            parts
+                .iter()
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>()
+                .join("."),
+        )
     }
 
     /// ContentInfo → [0] → (Auth)EnvelopedData → (Auth)EncryptedContentInfo → algorithm OID.

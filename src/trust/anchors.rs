@@ -134,7 +134,8 @@ pub fn parse_certificates(data: &[u8]) -> Result<Vec<X509>, String> {
     let is_pem = data.windows(11).any(|w| w == b"-----BEGIN ");
     if is_pem {
         if data.windows(17).any(|w| w == b"BEGIN CERTIFICATE") {
-            let certs = X509::stack_from_pem(data).map_err(|e| format!("bad PEM certificate: {e}"))?;
+            let certs =
+                X509::stack_from_pem(data).map_err(|e| format!("bad PEM certificate: {e}"))?;
             if certs.is_empty() {
                 return Err("no certificate in the PEM file".into());
             }

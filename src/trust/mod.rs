@@ -29,7 +29,7 @@ pub enum TrustError {
         subject: String,
         issuer: String,
         domain: String,
-        direction: String,
+        direction: Direction,
         anchors: usize,
     },
     #[error("certificate \"{subject}\" expired on {not_after}")]
@@ -40,12 +40,21 @@ pub enum TrustError {
     Revoked { subject: String },
     #[error("path validation of \"{subject}\" failed: {reason}")]
     PathInvalid { subject: String, reason: String },
-    #[error("certificate \"{subject}\" has a {bits}-bit RSA key; at least {min} bits are required")]
-    WeakRsaKey { subject: String, bits: u32, min: u32 },
-    #[error("certificate \"{subject}\" has an unsupported key ({kind}); RSA or ECDSA P-256/P-384 is required")]
+    #[error(
+        "certificate \"{subject}\" has a {bits}-bit RSA key; at least {min} bits are required"
+    )]
+    WeakRsaKey {
+        subject: String,
+        bits: u32,
+        min: u32,
+    },
+    #[error("certificate \"{subject}\" has an unsupported key: {kind}")]
     UnsupportedKey { subject: String, kind: String },
     #[error("certificate \"{subject}\" lacks the {usage} key usage")]
-    KeyUsage { subject: String, usage: &'static str },
+    KeyUsage {
+        subject: String,
+        usage: &'static str,
+    },
     #[error("digest algorithm {0} is forbidden by the Applicability Statement (SHA-256, SHA-384 or SHA-512 required)")]
     ForbiddenDigest(String),
     #[error("certificate \"{subject}\" is not bound to {target}: {why}")]
@@ -187,7 +196,9 @@ pub fn validate(
         });
     }
     let at_fault = failing.unwrap_or_else(|| leaf.to_owned());
-    Err(map_verify_error(error, &at_fault, leaf, anchors, domain, direction))
+    Err(map_verify_error(
+        error, &at_fault, leaf, anchors, domain, direction,
+    ))
 }
 
 fn map_verify_error(
@@ -218,7 +229,7 @@ fn map_verify_error(
             subject: crate::trust::subject(leaf),
             issuer: subject_line(at_fault.issuer_name()),
             domain: domain.to_string(),
-            direction: direction.to_string(),
+            direction,
             anchors: anchors.len(),
         },
         _ => TrustError::PathInvalid {
@@ -258,13 +269,26 @@ pub fn check_key(cert: &X509Ref, use_: KeyUse, min_rsa_bits: u32) -> Result<Stri
                 Some(Nid::SECP384R1) => Ok("ECDSA P-384".into()),
                 other => Err(TrustError::UnsupportedKey {
                     subject: subject(cert),
-                    kind: format!("EC curve {}", other.and_then(|n| n.short_name().ok()).unwrap_or("unknown")),
+                    kind: format!(
+                        "EC curve {}",
+                        other.and_then(|n| n.short_name().ok()).unwrap_or("unknown")
+                    ),
                 }),
             }
         }
+        Id::EC => Err(TrustError::UnsupportedKey {
+            subject: subject(cert),
+            kind: "an EC key, which cannot receive RSA key transport; encryption needs an RSA key"
+                .into(),
+        }),
         other => Err(TrustError::UnsupportedKey {
             subject: subject(cert),
-            kind: format!("key type {:?} for {:?}", other, use_),
+            kind: format!(
+                "key type {}",
+                Nid::from_raw(other.as_raw())
+                    .short_name()
+                    .unwrap_or("unknown")
+            ),
         }),
     }
 }
@@ -351,7 +375,11 @@ pub fn bindings(cert: &X509Ref) -> Vec<Binding> {
 
 /// Checks that `cert` binds to `address` (address-bound) or, when
 /// `allow_domain`, to its domain (domain-bound), by subjectAltName only.
-pub fn check_binding(cert: &X509Ref, address: &DirectAddress, allow_domain: bool) -> Result<Binding, TrustError> {
+pub fn check_binding(
+    cert: &X509Ref,
+    address: &DirectAddress,
+    allow_domain: bool,
+) -> Result<Binding, TrustError> {
     let (emails, dns) = san_names(cert);
     let wanted = address.to_string();
     if emails
@@ -374,11 +402,6 @@ pub fn check_binding(cert: &X509Ref, address: &DirectAddress, allow_domain: bool
         target: wanted.clone(),
         why,
     };
-    if let Some(w) = dns.iter().find(|d| d.starts_with("*.")) {
-        return Err(fail(format!(
-            "its only DNS binding is the wildcard dNSName {w}, which the Applicability Statement does not accept"
-        )));
-    }
     let subject_emails: Vec<String> = cert
         .subject_name()
         .entries_by_nid(Nid::PKCS9_EMAILADDRESS)
@@ -386,19 +409,36 @@ pub fn check_binding(cert: &X509Ref, address: &DirectAddress, allow_domain: bool
         .collect();
     if emails.is_empty()
         && dns.is_empty()
-        && subject_emails.iter().any(|e| e.eq_ignore_ascii_case(&wanted))
+        && subject_emails
+            .iter()
+            .any(|e| e.eq_ignore_ascii_case(&wanted))
     {
         return Err(fail(
             "the address appears only in the subject DN; Direct binds by subjectAltName".into(),
         ));
     }
+    let wildcard = dns.iter().find(|d| d.starts_with("*."));
     let mut bound_to: Vec<String> = emails.clone();
-    bound_to.extend(dns.iter().cloned());
-    if bound_to.is_empty() {
-        return Err(fail("it has no subjectAltName rfc822Name or dNSName".into()));
+    bound_to.extend(dns.iter().filter(|d| !d.starts_with("*.")).cloned());
+    let wildcard_note = wildcard
+        .map(|w| {
+            format!("the wildcard dNSName {w} does not bind (the Applicability Statement requires an exact name)")
+        })
+        .unwrap_or_default();
+    match (bound_to.is_empty(), wildcard.is_some()) {
+        (false, false) => Err(fail(format!(
+            "it is bound to {} instead",
+            bound_to.join(", ")
+        ))),
+        (false, true) => Err(fail(format!(
+            "it is bound to {} instead, and {wildcard_note}",
+            bound_to.join(", ")
+        ))),
+        (true, true) => Err(fail(format!(
+            "its only DNS binding is a wildcard: {wildcard_note}"
+        ))),
+        (true, false) => Err(fail(
+            "it has no subjectAltName rfc822Name or dNSName".into(),
+        )),
     }
-    Err(fail(format!(
-        "it is bound to {} instead",
-        bound_to.join(", ")
-    )))
 }

@@ -31,7 +31,8 @@ impl World {
         let sender_ca = pki::new_ca("Sender CA", 2048).expect("ca");
         let receiver_ca = pki::new_ca("Receiver CA", 2048).expect("ca");
         let alice = pki::issue(&sender_ca, &LeafSpec::address(ALICE)).expect("alice");
-        let receiver = pki::issue(&receiver_ca, &LeafSpec::domain("receiver.example")).expect("receiver");
+        let receiver =
+            pki::issue(&receiver_ca, &LeafSpec::domain("receiver.example")).expect("receiver");
         let w = World {
             dir,
             sender_ca,
@@ -63,8 +64,12 @@ impl World {
 
     pub fn agent(&self, settings: AgentSettings) -> Agent {
         let mut agent = Agent::new(settings);
-        let trust_receiver = AnchorSet::from_certs(vec![self.receiver_ca.cert.clone()], Path::new("receiver-ca"));
-        let trust_sender = AnchorSet::from_certs(vec![self.sender_ca.cert.clone()], Path::new("sender-ca"));
+        let trust_receiver = AnchorSet::from_certs(
+            vec![self.receiver_ca.cert.clone()],
+            Path::new("receiver-ca"),
+        );
+        let trust_sender =
+            AnchorSet::from_certs(vec![self.sender_ca.cert.clone()], Path::new("sender-ca"));
         agent.add_domain(LocalDomain {
             name: "sender.example".into(),
             credentials: vec![PrivateCredential::new(self.alice.clone(), "alice")],
