@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The one command that runs every test (README "Test"); .ci/run calls it.
+# It installs what the tests need (as root, with apt), checks formatting and
+# lints, then runs the unit and integration tests against the real tools.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+command -v openssl >/dev/null || need+=(openssl)
+command -v gpgsm >/dev/null || need+=(gpgsm)
+command -v gpg-agent >/dev/null || need+=(gpg-agent)
+command -v pkg-config >/dev/null || need+=(pkg-config)
+[ -f /usr/include/openssl/cms.h ] || need+=(libssl-dev)
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "scripts/test.sh: missing ${need[*]}; install them (apt-get install ${need[*]}) or run as root" >&2
+    exit 1
+  fi
+  apt-get update
+  DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${need[@]}"
+fi
+
+cargo fmt --all -- --check
+cargo clippy --all-targets --locked -- -D warnings
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+cargo test --locked 2>&1 | tee "$log"
+# One closing line for all test binaries (cargo prints one per binary).
+awk '/^test result:/ {p += $4; f += $6} END {printf "tests: %d passed, %d failed\n", p, f}' "$log"
