@@ -266,3 +266,47 @@ fn several_recipients_each_decrypt_one_message() {
         assert!(String::from_utf8_lossy(&content).contains("both read this"));
     }
 }
+
+#[test]
+fn the_java_ri_large_message_survives_seal_openssl_and_open_byte_for_byte() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/fixtures/interop/java-ri/LargeMsgWithAttachments.eml");
+    let original = std::fs::read(path).expect("LargeMsgWithAttachments.eml");
+    assert!(original.len() > 800_000);
+    // Readdress it from Alice to Bob so that both domains are ours.
+    let mut message = format!("From: {ALICE}\r\nTo: {BOB}\r\n").into_bytes();
+    let body_start = hispd::smime::mime::Entity::parse(&original).expect("parses");
+    let keep: Vec<u8> = body_start
+        .headers
+        .iter()
+        .filter(|h| !["from", "to", "cc"].contains(&h.name.to_ascii_lowercase().as_str()))
+        .flat_map(|h| h.raw.clone())
+        .collect();
+    message.extend_from_slice(&keep);
+    message.extend_from_slice(b"\r\n");
+    message.extend_from_slice(body_start.body);
+
+    let world = World::new();
+    let sealed = seal(&world, AgentSettings::default(), &message);
+    let receiver = world.files("receiver");
+    let signed = openssl_decrypt(&sealed, &receiver.cert, &receiver.key).expect("openssl decrypts");
+    openssl_verify(&signed, &world.files("sender-ca").cert).expect("openssl verifies");
+
+    let opened = world
+        .agent(AgentSettings::default())
+        .open(open_request(&sealed))
+        .expect("opens");
+    // Unchanged, but for the Message-ID that sealing adds when it is missing.
+    let expected = crlf(&message);
+    let got = &opened.message;
+    assert!(got.starts_with(b"Message-ID: <"), "a Message-ID was added");
+    let added = got
+        .iter()
+        .position(|b| *b == b'\n')
+        .map(|i| i + 1)
+        .unwrap_or(0);
+    assert!(
+        got[added..] == expected[..],
+        "the 865 KB message comes back unchanged"
+    );
+}

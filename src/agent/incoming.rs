@@ -89,7 +89,7 @@ impl Agent {
         let recipients: Vec<DirectAddress> = if req.rcpt_to.is_empty() {
             // Without an envelope the headers name the recipients: they must parse.
             mime::Entity::parse(req.message)?;
-            let parsed = MessageParser::default().parse(req.message);
+            let parsed = MessageParser::default().parse_headers(req.message);
             let mut all = addresses(parsed.as_ref().and_then(|m| m.to()));
             all.extend(addresses(parsed.as_ref().and_then(|m| m.cc())));
             all
@@ -191,7 +191,7 @@ impl Agent {
             );
         }
 
-        let parsed = MessageParser::default().parse(&inner);
+        let parsed = MessageParser::default().parse_headers(&inner);
         let from_list = addresses(parsed.as_ref().and_then(|m| m.from()));
         let from = from_list
             .first()

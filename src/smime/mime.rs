@@ -191,15 +191,16 @@ pub fn split_multipart<'a>(body: &'a [u8], boundary: &str) -> Result<Vec<&'a [u8
     let delimiter = format!("--{boundary}");
     let mut parts = Vec::new();
     let mut current_start: Option<usize> = None;
-    let mut offset = 0usize;
     let mut closed = false;
-    for line in lines(body) {
-        let start = offset;
-        offset += line.len();
-        let content = trim_eol(line);
-        let Some(rest) = content.strip_prefix(delimiter.as_bytes()) else {
+    // Candidate delimiters are found with memmem; each must start a line.
+    for start in memchr::memmem::find_iter(body, delimiter.as_bytes()) {
+        if start > 0 && body[start - 1] != b'\n' {
             continue;
-        };
+        }
+        let line_end = memchr::memchr(b'\n', &body[start..])
+            .map(|i| start + i + 1)
+            .unwrap_or(body.len());
+        let rest = trim_eol(&body[start + delimiter.len()..line_end]);
         let is_close = rest.starts_with(b"--");
         let trailing = if is_close { &rest[2..] } else { rest };
         if !trailing.iter().all(|b| *b == b' ' || *b == b'\t') {
@@ -220,7 +221,7 @@ pub fn split_multipart<'a>(body: &'a [u8], boundary: &str) -> Result<Vec<&'a [u8
             closed = true;
             break;
         }
-        current_start = Some(offset);
+        current_start = Some(line_end);
     }
     if parts.is_empty() {
         return Err(MimeError::NoParts(boundary.to_string()));
@@ -311,11 +312,16 @@ pub fn decode_base64(data: &[u8]) -> Result<Vec<u8>, MimeError> {
         &alphabet::STANDARD,
         GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
     );
-    let clean: Vec<u8> = data
-        .iter()
-        .copied()
-        .filter(|b| !b.is_ascii_whitespace())
-        .collect();
+    // Bodies are lines of base64: copy line by line rather than byte by byte.
+    let mut clean = Vec::with_capacity(data.len());
+    for line in data.split(|&b| b == b'\n') {
+        let line = line.trim_ascii();
+        if line.iter().any(u8::is_ascii_whitespace) {
+            clean.extend(line.iter().filter(|b| !b.is_ascii_whitespace()));
+        } else {
+            clean.extend_from_slice(line);
+        }
+    }
     engine
         .decode(&clean)
         .map_err(|e| MimeError::Base64(e.to_string()))
@@ -332,18 +338,25 @@ pub fn encode_base64_lines(data: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Converts every line ending (LF or CRLF; a lone CR stays) to CRLF.
-pub fn to_crlf(data: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(data.len() + data.len() / 40);
-    let mut prev = 0u8;
-    for &b in data {
-        if b == b'\n' && prev != b'\r' {
-            out.push(b'\r');
+/// Converts every line ending (LF or CRLF; a lone CR stays) to CRLF,
+/// borrowing when the data is already canonical (the usual case).
+pub fn to_crlf(data: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    let bare_lf = |i: usize| i == 0 || data[i - 1] != b'\r';
+    let Some(first) = memchr::memchr_iter(b'\n', data).find(|&i| bare_lf(i)) else {
+        return std::borrow::Cow::Borrowed(data);
+    };
+    let mut out = Vec::with_capacity(data.len() + data.len() / 32 + 2);
+    out.extend_from_slice(&data[..first]);
+    let mut start = first;
+    for i in memchr::memchr_iter(b'\n', &data[first..]).map(|i| i + first) {
+        if bare_lf(i) {
+            out.extend_from_slice(&data[start..i]);
+            out.extend_from_slice(b"\r\n");
+            start = i + 1;
         }
-        out.push(b);
-        prev = b;
     }
-    out
+    out.extend_from_slice(&data[start..]);
+    std::borrow::Cow::Owned(out)
 }
 
 /// A MIME boundary that cannot occur in base64 or in the wrapped content by chance.
@@ -411,7 +424,13 @@ mod tests {
 
     #[test]
     fn crlf_and_base64_round_trip() {
-        assert_eq!(to_crlf(b"a\nb\r\nc\n"), b"a\r\nb\r\nc\r\n");
+        assert_eq!(&*to_crlf(b"a\nb\r\nc\n"), b"a\r\nb\r\nc\r\n");
+        assert_eq!(&*to_crlf(b"\nx\r\n\n"), b"\r\nx\r\n\r\n");
+        assert_eq!(&*to_crlf(b"lone\rcr"), b"lone\rcr");
+        assert!(matches!(
+            to_crlf(b"a\r\nb\r\n"),
+            std::borrow::Cow::Borrowed(_)
+        ));
         let data: Vec<u8> = (0..=255u8).cycle().take(1000).collect();
         let enc = encode_base64_lines(&data);
         assert!(enc.split(|b| *b == b'\n').all(|l| l.len() <= 77));

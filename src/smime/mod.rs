@@ -439,7 +439,7 @@ impl Signed {
                     .any(|w| w[1] == b'\n' && w[0] != b'\r')
             {
                 // Some relays turn CRLF into LF; the signature was made over CRLF.
-                let canonical = to_crlf(&self.content);
+                let canonical = to_crlf(&self.content).into_owned();
                 let again = self.cms.verify(None, None, Some(&canonical), None, flags);
                 if again.is_ok() {
                     self.content = canonical;

@@ -112,5 +112,5 @@ pub fn with_outer_headers(entity: &[u8]) -> Vec<u8> {
 }
 
 pub fn crlf(data: &[u8]) -> Vec<u8> {
-    hispd::smime::mime::to_crlf(data)
+    hispd::smime::mime::to_crlf(data).into_owned()
 }
