@@ -135,6 +135,27 @@ fn time(offset_secs: i64) -> Result<Asn1Time, ErrorStack> {
     Asn1Time::from_unix(now + offset_secs)
 }
 
+/// A v3 certificate builder with serial, names, key and validity set.
+fn builder(
+    subject: &openssl::x509::X509NameRef,
+    issuer: &openssl::x509::X509NameRef,
+    key: &PKey<Private>,
+    not_before_offset: i64,
+    not_after_offset: i64,
+) -> Result<X509Builder, PkiError> {
+    let mut b = X509Builder::new()?;
+    b.set_version(2)?;
+    let serial_number = serial()?;
+    b.set_serial_number(&serial_number)?;
+    b.set_subject_name(subject)?;
+    b.set_issuer_name(issuer)?;
+    b.set_pubkey(key)?;
+    let (not_before, not_after) = (time(not_before_offset)?, time(not_after_offset)?);
+    b.set_not_before(&not_before)?;
+    b.set_not_after(&not_after)?;
+    Ok(b)
+}
+
 /// A new self-signed CA (an anchor), valid ten years.
 pub fn new_ca(common_name: &str, bits: u32) -> Result<Credential, PkiError> {
     let key = new_key(KeyKind::Rsa(bits))?;
@@ -142,16 +163,7 @@ pub fn new_ca(common_name: &str, bits: u32) -> Result<Credential, PkiError> {
     name.append_entry_by_nid(Nid::COMMONNAME, common_name)?;
     name.append_entry_by_nid(Nid::ORGANIZATIONNAME, "hispd development PKI")?;
     let name = name.build();
-    let mut b = X509Builder::new()?;
-    b.set_version(2)?;
-    let serial_number = serial()?;
-    b.set_serial_number(&serial_number)?;
-    b.set_subject_name(&name)?;
-    b.set_issuer_name(&name)?;
-    b.set_pubkey(&key)?;
-    let (not_before, not_after) = (time(-3600)?, time(10 * 365 * 86400)?);
-    b.set_not_before(&not_before)?;
-    b.set_not_after(&not_after)?;
+    let mut b = builder(&name, &name, &key, -3600, 10 * 365 * 86400)?;
     b.append_extension(BasicConstraints::new().critical().ca().build()?)?;
     b.append_extension(
         KeyUsage::new()
@@ -179,16 +191,13 @@ pub fn issue(ca: &Credential, spec: &LeafSpec) -> Result<Credential, PkiError> {
         name.append_entry_by_nid(Nid::PKCS9_EMAILADDRESS, email)?;
     }
     let name = name.build();
-    let mut b = X509Builder::new()?;
-    b.set_version(2)?;
-    let serial_number = serial()?;
-    b.set_serial_number(&serial_number)?;
-    b.set_subject_name(&name)?;
-    b.set_issuer_name(ca.cert.subject_name())?;
-    b.set_pubkey(&key)?;
-    let (not_before, not_after) = (time(spec.not_before_offset)?, time(spec.not_after_offset)?);
-    b.set_not_before(&not_before)?;
-    b.set_not_after(&not_after)?;
+    let mut b = builder(
+        &name,
+        ca.cert.subject_name(),
+        &key,
+        spec.not_before_offset,
+        spec.not_after_offset,
+    )?;
     b.append_extension(BasicConstraints::new().critical().build()?)?;
     let mut ku = KeyUsage::new();
     ku.critical();
