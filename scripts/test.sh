@@ -11,6 +11,10 @@ command -v gpgsm >/dev/null || need+=(gpgsm)
 command -v gpg-agent >/dev/null || need+=(gpg-agent)
 command -v pkg-config >/dev/null || need+=(pkg-config)
 [ -f /usr/include/openssl/cms.h ] || need+=(libssl-dev)
+command -v named >/dev/null || need+=(bind9)
+command -v dig >/dev/null || need+=(bind9-dnsutils)
+command -v slapd >/dev/null || need+=(slapd)
+command -v ldapsearch >/dev/null || need+=(ldap-utils)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "scripts/test.sh: missing ${need[*]}; install them (apt-get install ${need[*]}) or run as root" >&2

@@ -4,10 +4,13 @@
 
 use crate::address::normalize_domain;
 use crate::agent::{self, Agent, AgentSettings, LocalDomain, OuterSubject, PrivateCredential};
+use crate::discovery::{CertificateSet, Discovery, DiscoveryConfig, SourceKind};
+use crate::http::FetchLimits;
 use crate::trust::AnchorSet;
 use serde::Deserialize;
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 /// The annotated default configuration, compiled in.
 pub const DEFAULT_CONFIG: &str = include_str!("../conf/hispd.toml");
@@ -40,8 +43,24 @@ struct RawSettings {
     smime: RawSmime,
     policy: RawPolicy,
     certs: RawCerts,
+    discovery: RawDiscovery,
     #[serde(default)]
     domains: Vec<RawDomain>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDiscovery {
+    sources: Vec<String>,
+    public_dir: String,
+    nameservers: Vec<String>,
+    dns_timeout_ms: u64,
+    dns_attempts: usize,
+    ldap_timeout_ms: u64,
+    http_timeout_ms: u64,
+    http_max_bytes: usize,
+    cache_positive_ttl_secs: u64,
+    cache_negative_ttl_secs: u64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -107,6 +126,9 @@ pub enum PrivateSource {
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub agent: AgentSettings,
+    pub discovery: DiscoveryConfig,
+    /// Partners' public certificates for discovery.
+    pub public_dir: PathBuf,
     pub certs_dir: PathBuf,
     pub domains: Vec<DomainConfig>,
     /// Where the settings came from, for messages.
@@ -242,6 +264,64 @@ impl Settings {
             ));
         }
         let certs_dir = resolve(&raw.certs.dir);
+        let d = &raw.discovery;
+        let mut sources = Vec::new();
+        for name in &d.sources {
+            match name.parse::<SourceKind>() {
+                Ok(k) if !sources.contains(&k) => sources.push(k),
+                Ok(_) => problems.push(problem(
+                    "discovery.sources",
+                    format!("{name:?} is listed twice"),
+                )),
+                Err(e) => problems.push(problem("discovery.sources", e)),
+            }
+        }
+        let mut nameservers = Vec::new();
+        for ns in &d.nameservers {
+            match ns.parse::<std::net::SocketAddr>() {
+                Ok(a) => nameservers.push(a),
+                Err(_) => problems.push(problem(
+                    "discovery.nameservers",
+                    format!("{ns:?} is not ip:port (e.g. \"127.0.0.1:53\" or \"[::1]:53\")"),
+                )),
+            }
+        }
+        if d.dns_attempts == 0 {
+            problems.push(problem(
+                "discovery.dns_attempts",
+                "must be at least 1".into(),
+            ));
+        }
+        for (key, ms) in [
+            ("discovery.dns_timeout_ms", d.dns_timeout_ms),
+            ("discovery.ldap_timeout_ms", d.ldap_timeout_ms),
+            ("discovery.http_timeout_ms", d.http_timeout_ms),
+        ] {
+            if ms == 0 {
+                problems.push(problem(key, "must be more than 0".into()));
+            }
+        }
+        let discovery = DiscoveryConfig {
+            sources,
+            nameservers,
+            dns_timeout: Duration::from_millis(d.dns_timeout_ms.max(1)),
+            dns_attempts: d.dns_attempts.max(1),
+            ldap_timeout: Duration::from_millis(d.ldap_timeout_ms.max(1)),
+            http: FetchLimits {
+                timeout: Duration::from_millis(d.http_timeout_ms.max(1)),
+                max_bytes: d.http_max_bytes,
+            },
+            positive_ttl: Duration::from_secs(d.cache_positive_ttl_secs),
+            negative_ttl: Duration::from_secs(d.cache_negative_ttl_secs),
+        };
+        let public_dir = {
+            let p = PathBuf::from(&d.public_dir);
+            if p.is_absolute() {
+                p
+            } else {
+                certs_dir.join(p)
+            }
+        };
         let mut domains: Vec<DomainConfig> = Vec::new();
         for (i, d) in raw.domains.iter().enumerate() {
             let key = |k: &str| format!("domains[{i}].{k}");
@@ -313,6 +393,8 @@ impl Settings {
                 min_rsa_bits: raw.policy.min_rsa_bits.max(2048),
                 require_rcpt_in_headers: raw.policy.require_rcpt_in_headers,
             },
+            discovery,
+            public_dir,
             certs_dir,
             domains,
             source,
@@ -332,6 +414,31 @@ impl Settings {
                 Err(ConfigErrors(problems))
             }
         }
+    }
+
+    /// The discovery chain: our domains' certificates as the local source,
+    /// the public directory as the public source.
+    pub fn build_discovery(&self, agent: &Agent) -> Result<Discovery, ConfigErrors> {
+        let problem = |key: &str, message: String| {
+            ConfigErrors(vec![ConfigProblem {
+                key: key.to_string(),
+                source: self.source.clone(),
+                message,
+            }])
+        };
+        let mut local = CertificateSet::new();
+        for d in agent.domains.values() {
+            for c in &d.credentials {
+                local.add(
+                    c.credential.cert.clone(),
+                    format!("local domain {} ({})", d.name, c.source),
+                );
+            }
+        }
+        let public = CertificateSet::load_dir(&self.public_dir)
+            .map_err(|e| problem("discovery.public_dir", e.to_string()))?;
+        Discovery::new(self.discovery.clone(), local, public)
+            .map_err(|e| problem("discovery.nameservers", e.to_string()))
     }
 
     /// Loads every domain's keys and anchors, reporting all problems together.

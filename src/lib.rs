@@ -4,6 +4,8 @@ pub mod address;
 pub mod agent;
 pub mod config;
 pub mod demo;
+pub mod discovery;
+pub mod http;
 pub mod pki;
 pub mod smime;
 pub mod trust;

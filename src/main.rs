@@ -7,6 +7,7 @@ use hispd::agent::{
     self, Agent, AgentError, LocalDomain, OpenRequest, PrivateCredential, SealRequest,
 };
 use hispd::config::Settings;
+use hispd::discovery::{publish, TrustContext};
 use hispd::pki::{self, KeyKind, LeafSpec};
 use hispd::trust::{self, AnchorSet};
 use std::io::{Read, Write};
@@ -82,6 +83,35 @@ enum CertsCommand {
         #[arg(long)]
         force: bool,
     },
+    /// Find ADDRESS's certificates (local, public directory, DNS CERT, LDAP)
+    /// and explain each step. Exit 0 when one is usable, 2 when none, 1 on a
+    /// usage error.
+    Discover {
+        address: String,
+        /// Anchors that must trust the certificates (file or directory).
+        /// Default: the outgoing anchors of the sending domain in --config.
+        #[arg(long, value_name = "PATH")]
+        anchors: Vec<PathBuf>,
+        /// The sending local domain whose outgoing anchors decide (with --config).
+        #[arg(long)]
+        domain: Option<String>,
+        /// Nameserver ip:port to ask instead of the configured/system ones. Repeatable.
+        #[arg(long, value_name = "IP:PORT")]
+        nameserver: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the local domains' public certificates as DNS CERT records
+    /// (zone-file format) or LDIF entries, ready to publish.
+    Publish {
+        #[arg(long, conflicts_with = "ldif")]
+        zone: bool,
+        #[arg(long)]
+        ldif: bool,
+        /// Base DN of the LDIF entries (default dc=<labels of the domain>).
+        #[arg(long, value_name = "DN")]
+        base_dn: Option<String>,
+    },
 }
 
 #[derive(Args)]
@@ -117,8 +147,9 @@ enum MessageCommand {
         sign_pkcs12: Option<PathBuf>,
         #[arg(long, default_value = "")]
         password: String,
-        /// Recipient certificate (PEM or DER). Repeatable.
-        #[arg(long = "recipient-cert", value_name = "FILE", required = true)]
+        /// Recipient certificate (PEM or DER). Repeatable. Without it, each
+        /// recipient's certificates are discovered (DNS CERT, LDAP, ...).
+        #[arg(long = "recipient-cert", value_name = "FILE")]
         recipient_certs: Vec<PathBuf>,
         /// Anchors (file or directory) that must trust the recipient
         /// certificates. Without it, the given certificates are trusted as is.
@@ -170,7 +201,22 @@ enum ConfigCommand {
 struct Refused(AgentError);
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // `certs discover` keeps 2 for "nothing found": its usage errors exit 1.
+            let discover = std::env::args().any(|a| a == "discover");
+            let _ = e.print();
+            let code = if !e.use_stderr() {
+                0
+            } else if discover {
+                1
+            } else {
+                2
+            };
+            return ExitCode::from(code);
+        }
+    };
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -270,6 +316,56 @@ fn run(cli: Cli) -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        Command::Certs(CertsCommand::Discover {
+            address,
+            anchors,
+            domain,
+            nameserver,
+            json,
+        }) => match certs_discover(
+            config,
+            &address,
+            &anchors,
+            domain.as_deref(),
+            &nameserver,
+            json,
+        ) {
+            Ok(code) => Ok(code),
+            Err(e) => {
+                eprintln!("hispd: error: {e:#}");
+                Ok(ExitCode::from(1))
+            }
+        },
+        Command::Certs(CertsCommand::Publish {
+            zone,
+            ldif,
+            base_dn,
+        }) => {
+            let (_, agent) = Settings::load_agent(config).map_err(|e| anyhow::anyhow!("{e}"))?;
+            if agent.domains.is_empty() {
+                bail!("no local domains are configured: give --config with [[domains]]");
+            }
+            let ldif = ldif && !zone;
+            for d in agent.domains.values() {
+                let base = base_dn
+                    .clone()
+                    .unwrap_or_else(|| publish::base_dn_for(&d.name));
+                if ldif {
+                    println!("# {} (base {base})", d.name);
+                } else {
+                    println!("; {}", d.name);
+                }
+                for c in &d.credentials {
+                    let text = if ldif {
+                        publish::ldif_entries(&base, &c.credential.cert)?
+                    } else {
+                        publish::zone_records(&c.credential.cert)?
+                    };
+                    print!("{text}");
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Message(MessageCommand::Seal {
             from,
             to,
@@ -310,6 +406,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 password,
             };
             let message = read_stdin()?;
+            if certs.is_empty() {
+                certs = discover_recipients(&settings, config, &from, &recipients, &anchors)?;
+            }
             let agent = Agent::new(settings.agent.clone());
             let request = SealRequest {
                 from: from.clone(),
@@ -527,6 +626,143 @@ fn load_credentials_der_or_pem(
         ));
     }
     Ok(out)
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+/// The trust context for discovery: --anchors, else the sending domain's
+/// outgoing anchors from the configuration (all domains' when not named).
+fn trust_context(
+    settings: &Settings,
+    agent: &Agent,
+    anchors: &[PathBuf],
+    domain: Option<&str>,
+) -> Result<TrustContext> {
+    let (name, set) = if !anchors.is_empty() {
+        ("(--anchors)".to_string(), Some(load_anchors(anchors)?))
+    } else if let Some(d) = domain {
+        let local = agent.domain(d).ok_or_else(|| {
+            anyhow::anyhow!("--domain {d}: not a local domain of the configuration")
+        })?;
+        (local.name.clone(), Some(local.outgoing_anchors.clone()))
+    } else if agent.domains.is_empty() {
+        ("(none)".to_string(), None)
+    } else {
+        let mut all = AnchorSet::new();
+        for d in agent.domains.values() {
+            all.extend(&d.outgoing_anchors);
+        }
+        let names: Vec<&str> = agent.domains.keys().map(String::as_str).collect();
+        (names.join(", "), Some(all))
+    };
+    Ok(TrustContext {
+        domain: name,
+        anchors: set,
+        at: agent::now(),
+        min_rsa_bits: settings.agent.min_rsa_bits,
+    })
+}
+
+fn certs_discover(
+    config: Option<&Path>,
+    address: &str,
+    anchors: &[PathBuf],
+    domain: Option<&str>,
+    nameservers: &[String],
+    json: bool,
+) -> Result<ExitCode> {
+    let address = DirectAddress::parse(address)?;
+    let (mut settings, agent) = if config.is_some() {
+        Settings::load_agent(config).map_err(|e| anyhow::anyhow!("{e}"))?
+    } else {
+        (settings(None)?, Agent::default())
+    };
+    if !nameservers.is_empty() {
+        settings.discovery.nameservers = nameservers
+            .iter()
+            .map(|n| {
+                n.parse().map_err(|_| {
+                    anyhow::anyhow!("--nameserver {n:?} is not ip:port (e.g. 127.0.0.1:53)")
+                })
+            })
+            .collect::<Result<_>>()?;
+    }
+    let ctx = trust_context(&settings, &agent, anchors, domain)?;
+    let discovery = settings
+        .build_discovery(&agent)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let found = runtime()?.block_on(discovery.discover(&address, &ctx));
+    if json {
+        println!("{}", serde_json::to_string_pretty(&found.report)?);
+    } else {
+        print!("{}", found.report.explain());
+    }
+    Ok(if found.certificates.is_empty() {
+        ExitCode::from(2)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// Certificates for every recipient through discovery, or an error naming
+/// the recipients without one and why.
+fn discover_recipients(
+    settings: &Settings,
+    config: Option<&Path>,
+    from: &DirectAddress,
+    recipients: &[DirectAddress],
+    anchors: &[PathBuf],
+) -> Result<Vec<openssl::x509::X509>> {
+    let agent = if config.is_some() {
+        Settings::load_agent(config)
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .1
+    } else {
+        Agent::default()
+    };
+    if anchors.is_empty() && agent.domain(from.domain()).is_none() {
+        bail!("to discover recipient certificates, give --anchors (or --config with the sending domain)");
+    }
+    let ctx = trust_context(
+        settings,
+        &agent,
+        anchors,
+        agent.domain(from.domain()).map(|d| d.name.as_str()),
+    )?;
+    let discovery = settings
+        .build_discovery(&agent)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let found = runtime()?.block_on(discovery.certificates_for(recipients, &ctx));
+    if let Some(first) = found.missing.first() {
+        let why = first
+            .candidates
+            .iter()
+            .map(|c| format!("\"{}\": {}", c.subject, c.reason))
+            .chain(
+                first
+                    .steps
+                    .last()
+                    .map(|s| format!("{} -> {}", s.query, s.result)),
+            )
+            .next()
+            .unwrap_or_else(|| "nothing published".into());
+        bail!(
+            "no usable certificate for {} ({why}); `hispd certs discover {}` explains each step",
+            found
+                .missing
+                .iter()
+                .map(|m| m.address.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+            first.address
+        );
+    }
+    Ok(found.certificates)
 }
 
 fn load_anchors(paths: &[PathBuf]) -> Result<AnchorSet> {

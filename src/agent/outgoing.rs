@@ -96,19 +96,7 @@ fn check_signing_credential(
     let cert = &cred.credential.cert;
     trust::check_key(cert, KeyUse::Sign, min_rsa_bits)?;
     trust::check_key_usage(cert, KeyUse::Sign)?;
-    let at_time = openssl::asn1::Asn1Time::from_unix(at)?;
-    if cert.not_after() < at_time {
-        return Err(TrustError::Expired {
-            subject: trust::subject(cert),
-            not_after: cert.not_after().to_string(),
-        });
-    }
-    if cert.not_before() > at_time {
-        return Err(TrustError::NotYetValid {
-            subject: trust::subject(cert),
-            not_before: cert.not_before().to_string(),
-        });
-    }
+    trust::check_validity(cert, at)?;
     Ok(())
 }
 

@@ -239,6 +239,25 @@ fn map_verify_error(
     }
 }
 
+/// Checks the certificate's own validity dates at `at` (Unix seconds), for
+/// when no path validation is done (our own keys; discovery without anchors).
+pub fn check_validity(cert: &X509Ref, at: i64) -> Result<(), TrustError> {
+    let at_time = openssl::asn1::Asn1Time::from_unix(at)?;
+    if cert.not_after() < at_time {
+        return Err(TrustError::Expired {
+            subject: subject(cert),
+            not_after: cert.not_after().to_string(),
+        });
+    }
+    if cert.not_before() > at_time {
+        return Err(TrustError::NotYetValid {
+            subject: subject(cert),
+            not_before: cert.not_before().to_string(),
+        });
+    }
+    Ok(())
+}
+
 /// What a certificate is used for, for the key usage check.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KeyUse {
