@@ -532,3 +532,132 @@ fn a_cached_lookup_does_no_network_io() {
         "a miss asks the nameserver"
     );
 }
+
+/// Python's http.server on a free loopback port, serving `dir`; stopped on drop.
+struct HttpServer {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl HttpServer {
+    fn start(dir: &Path) -> HttpServer {
+        let port = free_port();
+        let child = std::process::Command::new("python3")
+            .args([
+                "-m",
+                "http.server",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--directory",
+            ])
+            .arg(dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("python3 http.server");
+        for _ in 0..200 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        HttpServer { child, port }
+    }
+}
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn url_rr(owner: &str, cert_type: u16, url: &str) -> String {
+    use base64::Engine;
+    format!(
+        "{owner} IN CERT {cert_type} 0 0 {}\n",
+        base64::engine::general_purpose::STANDARD.encode(url)
+    )
+}
+
+#[test]
+fn ipkix_and_uri_records_are_fetched_over_http() {
+    let ca = &pki().ca;
+    let dir = tempfile::tempdir().expect("dir");
+    let alice = pki::issue(ca, &LeafSpec::address("alice@d20.example")).expect("leaf");
+    std::fs::write(
+        dir.path().join("alice.der"),
+        alice.cert.to_der().expect("der"),
+    )
+    .expect("write");
+    // A PKCS#7 certs-only collection, as made by openssl crl2pkcs7.
+    let carol = pki::issue(ca, &LeafSpec::address("carol@d21.example")).expect("leaf");
+    let pem = dir.path().join("carol.pem");
+    std::fs::write(&pem, carol.cert.to_pem().expect("pem")).expect("write");
+    let status = std::process::Command::new("openssl")
+        .args(["crl2pkcs7", "-nocrl", "-outform", "DER", "-out"])
+        .arg(dir.path().join("carol.p7c"))
+        .arg("-certfile")
+        .arg(&pem)
+        .status()
+        .expect("openssl");
+    assert!(status.success());
+    let http = HttpServer::start(dir.path());
+    let dead = free_port();
+    let zone = format!(
+        "{}{}{}",
+        url_rr(
+            "alice.d20",
+            4,
+            &format!("http://127.0.0.1:{}/alice.der", http.port)
+        ),
+        url_rr(
+            "carol.d21",
+            253,
+            &format!("http://127.0.0.1:{}/carol.p7c", http.port)
+        ),
+        url_rr("dave.d22", 4, &format!("http://127.0.0.1:{dead}/dave.der")),
+    );
+    let bind = Bind::start(&[("example", &zone)]).expect("named");
+    let config = DiscoveryConfig {
+        sources: vec![SourceKind::Dns],
+        nameservers: vec![bind.addr()],
+        positive_ttl: Duration::ZERO,
+        negative_ttl: Duration::from_secs(3600),
+        ..DiscoveryConfig::default()
+    };
+    let d =
+        Discovery::new(config, CertificateSet::new(), CertificateSet::new()).expect("discovery");
+
+    let found = discover(&d, "alice@d20.example");
+    assert_eq!(
+        chosen(&found),
+        vec![trust::fingerprint(&alice.cert)],
+        "IPKIX\n{}",
+        explain(&found)
+    );
+    assert!(found.report.chosen[0].source.contains("alice.der"));
+
+    let found = discover(&d, "carol@d21.example");
+    assert_eq!(
+        chosen(&found),
+        vec![trust::fingerprint(&carol.cert)],
+        "URI\n{}",
+        explain(&found)
+    );
+
+    // An unreachable URL is a temporary failure: reported, and not cached.
+    let found = discover(&d, "dave@d22.example");
+    assert!(found.certificates.is_empty());
+    assert!(found.report.temporary_failure, "{}", explain(&found));
+    assert!(
+        explain(&found).contains("fetch failed"),
+        "{}",
+        explain(&found)
+    );
+    assert!(
+        !discover(&d, "dave@d22.example").report.from_cache,
+        "temporary failures are asked again"
+    );
+}
