@@ -40,12 +40,72 @@ impl fmt::Display for ConfigErrors {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawSettings {
+    server: RawServer,
+    delivery: RawDelivery,
     smime: RawSmime,
     policy: RawPolicy,
     certs: RawCerts,
     discovery: RawDiscovery,
     #[serde(default)]
     domains: Vec<RawDomain>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    hostname: String,
+    data_dir: String,
+    mx_listen: String,
+    submission_listen: String,
+    tls_cert: String,
+    tls_key: String,
+    max_message_size: usize,
+    max_recipients: usize,
+    max_connections: usize,
+    max_connections_per_ip: usize,
+    command_timeout_secs: u64,
+    data_timeout_secs: u64,
+    log_format: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDelivery {
+    port: u16,
+    smart_host: String,
+    require_tls: bool,
+    retry_base_secs: u64,
+    max_age_secs: u64,
+    connect_timeout_secs: u64,
+}
+
+/// Listener and daemon settings.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub hostname: String,
+    pub data_dir: PathBuf,
+    pub mx_listen: std::net::SocketAddr,
+    pub submission_listen: std::net::SocketAddr,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub max_message_size: usize,
+    pub max_recipients: usize,
+    pub max_connections: usize,
+    pub max_connections_per_ip: usize,
+    pub command_timeout: Duration,
+    pub data_timeout: Duration,
+    pub json_logs: bool,
+}
+
+/// Outbound delivery settings.
+#[derive(Debug, Clone)]
+pub struct DeliveryConfig {
+    pub port: u16,
+    pub smart_host: Option<String>,
+    pub require_tls: bool,
+    pub retry_base: Duration,
+    pub max_age: Duration,
+    pub connect_timeout: Duration,
 }
 
 #[derive(Debug, Deserialize)]
@@ -93,6 +153,7 @@ struct RawDomain {
     dir: Option<String>,
     incoming_anchors: Option<Vec<String>>,
     outgoing_anchors: Option<Vec<String>>,
+    edge_relay: Option<String>,
     #[serde(default)]
     private: Vec<RawPrivate>,
 }
@@ -110,6 +171,8 @@ struct RawPrivate {
 #[derive(Debug, Clone)]
 pub struct DomainConfig {
     pub name: String,
+    /// Deliver received mail to this SMTP server ("host:port") instead of mailboxes.
+    pub edge_relay: Option<String>,
     pub dir: PathBuf,
     pub incoming_anchors: Vec<PathBuf>,
     pub outgoing_anchors: Vec<PathBuf>,
@@ -125,6 +188,8 @@ pub enum PrivateSource {
 /// Validated settings.
 #[derive(Debug, Clone)]
 pub struct Settings {
+    pub server: ServerConfig,
+    pub delivery: DeliveryConfig,
     pub agent: AgentSettings,
     pub discovery: DiscoveryConfig,
     /// Partners' public certificates for discovery.
@@ -375,7 +440,20 @@ impl Settings {
                     )),
                 }
             }
+            if let Some(relay) = &d.edge_relay {
+                if relay
+                    .rsplit_once(':')
+                    .and_then(|(_, p)| p.parse::<u16>().ok())
+                    .is_none()
+                {
+                    problems.push(problem(
+                        &key("edge_relay"),
+                        format!("{relay:?} is not host:port"),
+                    ));
+                }
+            }
             domains.push(DomainConfig {
+                edge_relay: d.edge_relay.clone(),
                 name,
                 dir,
                 incoming_anchors,
@@ -383,8 +461,73 @@ impl Settings {
                 private,
             });
         }
+        let srv = &raw.server;
+        let mut listen = |key: &str, value: &str| match value.parse::<std::net::SocketAddr>() {
+            Ok(a) => a,
+            Err(_) => {
+                problems.push(problem(key, format!("{value:?} is not ip:port")));
+                std::net::SocketAddr::from(([127, 0, 0, 1], 0))
+            }
+        };
+        let mx_listen = listen("server.mx_listen", &srv.mx_listen);
+        let submission_listen = listen("server.submission_listen", &srv.submission_listen);
+        if !matches!(srv.log_format.as_str(), "human" | "json") {
+            problems.push(problem(
+                "server.log_format",
+                format!("{:?} is not \"human\" or \"json\"", srv.log_format),
+            ));
+        }
+        if srv.tls_cert.is_empty() != srv.tls_key.is_empty() {
+            problems.push(problem(
+                "server.tls_cert",
+                "give both tls_cert and tls_key, or neither".into(),
+            ));
+        }
+        let optional_path = |p: &str| if p.is_empty() { None } else { Some(resolve(p)) };
+        let server = ServerConfig {
+            hostname: srv.hostname.clone(),
+            data_dir: resolve(&srv.data_dir),
+            mx_listen,
+            submission_listen,
+            tls_cert: optional_path(&srv.tls_cert),
+            tls_key: optional_path(&srv.tls_key),
+            max_message_size: srv.max_message_size,
+            max_recipients: srv.max_recipients.max(1),
+            max_connections: srv.max_connections.max(1),
+            max_connections_per_ip: srv.max_connections_per_ip.max(1),
+            command_timeout: Duration::from_secs(srv.command_timeout_secs.max(1)),
+            data_timeout: Duration::from_secs(srv.data_timeout_secs.max(1)),
+            json_logs: srv.log_format == "json",
+        };
+        let dl = &raw.delivery;
+        if !dl.smart_host.is_empty()
+            && dl
+                .smart_host
+                .rsplit_once(':')
+                .and_then(|(_, p)| p.parse::<u16>().ok())
+                .is_none()
+        {
+            problems.push(problem(
+                "delivery.smart_host",
+                format!("{:?} is not host:port", dl.smart_host),
+            ));
+        }
+        let delivery = DeliveryConfig {
+            port: dl.port,
+            smart_host: if dl.smart_host.is_empty() {
+                None
+            } else {
+                Some(dl.smart_host.clone())
+            },
+            require_tls: dl.require_tls,
+            retry_base: Duration::from_secs(dl.retry_base_secs.max(1)),
+            max_age: Duration::from_secs(dl.max_age_secs),
+            connect_timeout: Duration::from_secs(dl.connect_timeout_secs.max(1)),
+        };
         let defaults = AgentSettings::default();
         let settings = Settings {
+            server,
+            delivery,
             agent: AgentSettings {
                 cipher: cipher.unwrap_or(defaults.cipher),
                 key_transport: key_transport.unwrap_or(defaults.key_transport),

@@ -49,6 +49,57 @@ enum Command {
     /// Configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Run the HISP: MX and submission listeners, queue, delivery.
+    Serve,
+    /// Edge accounts (SMTP submission). Use while the daemon is stopped.
+    #[command(subcommand)]
+    Users(UsersCommand),
+    /// The delivery queue. Use while the daemon is stopped.
+    #[command(subcommand)]
+    Queue(QueueCommand),
+    /// Read the built-in mailboxes. Use while the daemon is stopped.
+    #[command(subcommand)]
+    Mailbox(MailboxCommand),
+}
+
+#[derive(Subcommand)]
+enum UsersCommand {
+    /// Add an account; the password is read from stdin (one line).
+    Add {
+        name: String,
+        /// Other addresses the account may send from (default: its name).
+        #[arg(long = "address")]
+        addresses: Vec<String>,
+    },
+    /// Change an account's password (read from stdin).
+    Passwd {
+        name: String,
+    },
+    Remove {
+        name: String,
+    },
+    List,
+}
+
+#[derive(Subcommand)]
+enum QueueCommand {
+    List,
+    Show {
+        id: String,
+    },
+    /// Make every pending recipient of the job due now.
+    Retry {
+        id: String,
+    },
+    Delete {
+        id: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum MailboxCommand {
+    List { address: String },
+    Show { address: String, uid: u64 },
 }
 
 #[derive(Subcommand)]
@@ -531,6 +582,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 }
             }
         }
+        Command::Serve => serve(config),
+        Command::Users(cmd) => users_command(config, cmd),
+        Command::Queue(cmd) => queue_command(config, cmd),
+        Command::Mailbox(cmd) => mailbox_command(config, cmd),
         Command::Config(ConfigCommand::Check) => {
             let (settings, agent) =
                 Settings::load_agent(config).map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -626,6 +681,207 @@ fn load_credentials_der_or_pem(
         ));
     }
     Ok(out)
+}
+
+/// The store of the configured data directory (the daemon must not be running:
+/// the index allows one process at a time).
+fn open_store(config: Option<&Path>) -> Result<hispd::store::SledStore> {
+    let settings = settings(config)?;
+    hispd::store::SledStore::open(&settings.server.data_dir).map_err(|e| {
+        anyhow::anyhow!(
+            "{e} (is `hispd serve` running with data_dir {}? stop it first)",
+            settings.server.data_dir.display()
+        )
+    })
+}
+
+fn read_password() -> Result<String> {
+    let mut line = String::new();
+    std::io::stdin()
+        .read_line(&mut line)
+        .context("reading the password from stdin")?;
+    let password = line.trim_end_matches(['\r', '\n']).to_string();
+    if password.is_empty() {
+        bail!("no password on stdin");
+    }
+    Ok(password)
+}
+
+fn users_command(config: Option<&Path>, cmd: UsersCommand) -> Result<ExitCode> {
+    let store = open_store(config)?;
+    let users = hispd::users::Users::open(store.db())?;
+    match cmd {
+        UsersCommand::Add { name, addresses } => {
+            DirectAddress::parse(&name)?;
+            for a in &addresses {
+                DirectAddress::parse(a)?;
+            }
+            users.add(&name, &read_password()?, &addresses)?;
+            println!("added {name}");
+        }
+        UsersCommand::Passwd { name } => {
+            users.set_password(&name, &read_password()?)?;
+            println!("password of {name} changed");
+        }
+        UsersCommand::Remove { name } => {
+            users.remove(&name)?;
+            println!("removed {name}");
+        }
+        UsersCommand::List => {
+            for u in users.list()? {
+                println!(
+                    "{}\tmay send as: {}\tcreated {}",
+                    u.name,
+                    u.addresses.join(", "),
+                    u.created
+                );
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn queue_command(config: Option<&Path>, cmd: QueueCommand) -> Result<ExitCode> {
+    use hispd::store::Storage;
+    let store = open_store(config)?;
+    let job = |id: &str| -> Result<hispd::store::Job> {
+        store
+            .job(id)?
+            .ok_or_else(|| anyhow::anyhow!("no job {id} in the queue"))
+    };
+    match cmd {
+        QueueCommand::List => {
+            for j in store.jobs()? {
+                let pending = j
+                    .recipients
+                    .iter()
+                    .filter(|r| r.status == hispd::store::RecipientStatus::Pending)
+                    .count();
+                println!(
+                    "{}\t{:?}\tfrom {}\t{} recipient(s), {pending} pending\t{}",
+                    j.id,
+                    j.kind,
+                    j.mail_from,
+                    j.recipients.len(),
+                    j.message_id.as_deref().unwrap_or("-")
+                );
+            }
+        }
+        QueueCommand::Show { id } => println!("{}", serde_json::to_string_pretty(&job(&id)?)?),
+        QueueCommand::Retry { id } => {
+            let mut j = job(&id)?;
+            for r in j.recipients.iter_mut() {
+                r.next_attempt = 0;
+            }
+            store.update_job(&j)?;
+            println!("{id}: pending recipients will be tried at the next start");
+        }
+        QueueCommand::Delete { id } => {
+            job(&id)?;
+            store.finish_job(&id)?;
+            println!("{id} deleted");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn mailbox_command(config: Option<&Path>, cmd: MailboxCommand) -> Result<ExitCode> {
+    use hispd::store::Storage;
+    let store = open_store(config)?;
+    match cmd {
+        MailboxCommand::List { address } => {
+            for e in store.mailbox(&address)? {
+                println!(
+                    "{}\t{} bytes\t{}\t{}",
+                    e.uid,
+                    e.size,
+                    chrono::DateTime::from_timestamp(e.received, 0)
+                        .map(|d| d.to_rfc3339())
+                        .unwrap_or_default(),
+                    e.message_id.as_deref().unwrap_or("-")
+                );
+            }
+        }
+        MailboxCommand::Show { address, uid } => {
+            std::io::stdout().write_all(&store.mailbox_message(&address, uid)?)?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("HISPD_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn serve(config: Option<&Path>) -> Result<ExitCode> {
+    let settings = settings(config)?;
+    init_logging(settings.server.json_logs);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let daemon = hispd::server::Daemon::prepare(config).await?;
+        let mx = daemon.mx_addr();
+        let submission = daemon.submission_addr();
+        tracing::info!(?mx, ?submission, "hispd serving");
+        if let Some(password) = &daemon.dev_password {
+            let sub = submission.map(|a| a.to_string()).unwrap_or_default();
+            eprintln!(
+                "\nNo domain is configured: serving the development domain {dom} (PKI under {data}).\n\
+                 Send a test message (STARTTLS, then AUTH as {user}, password {password}):\n\
+                 \n  swaks --server {sub} --tls --auth-user {user} --auth-password {password} \\\n        --from {user} --to {user}\n\n\
+                 It is sealed, opened and delivered to the mailbox of {user}; the log shows each step.\n\
+                 Then stop hispd (Ctrl-C) and read it: hispd mailbox list {user}\n",
+                dom = hispd::server::DEV_DOMAIN,
+                data = settings.server.data_dir.display(),
+                user = hispd::server::DEV_USER,
+            );
+        }
+        let hub = daemon.hub.clone();
+        let config_path = config.map(Path::to_path_buf);
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+        if let Some(interval) = sd_notify::watchdog_enabled() {
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(interval / 2).await;
+                    let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+                }
+            });
+        }
+        let shutdown = async move {
+            use tokio::signal::unix::{signal, SignalKind};
+            let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+                signal(SignalKind::hangup()),
+            ) else {
+                std::future::pending::<()>().await;
+                return;
+            };
+            loop {
+                tokio::select! {
+                    _ = term.recv() => break,
+                    _ = int.recv() => break,
+                    _ = hup.recv() => hub.reload(config_path.as_deref()),
+                }
+            }
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+        };
+        daemon.run(shutdown).await;
+        tracing::info!("stopped");
+        Ok::<_, anyhow::Error>(())
+    })?;
+    Ok(ExitCode::SUCCESS)
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {

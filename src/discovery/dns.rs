@@ -59,6 +59,10 @@ impl DnsSource {
         Ok(DnsSource { resolver })
     }
 
+    pub fn resolver(&self) -> &TokioResolver {
+        &self.resolver
+    }
+
     /// CERT records at `name`, with URL records fetched.
     pub async fn lookup(&self, name: &str, limits: &FetchLimits) -> Answer {
         let query = format!("CERT {name}");

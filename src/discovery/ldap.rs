@@ -109,8 +109,10 @@ impl LdapSource {
                 _ => None,
             })
             .collect();
-        let mut rng = rand::rng();
-        let ordered = order_srv_targets(targets, |total| rng.random_range(0..=total));
+        let ordered = {
+            let mut rng = rand::rng();
+            order_srv_targets(targets, |total| rng.random_range(0..=total))
+        };
         let mut answer = Answer {
             found: Vec::new(),
             steps: vec![Step {

@@ -274,6 +274,11 @@ impl Discovery {
         &self.cache
     }
 
+    /// The DNS side, when DNS or LDAP is enabled (also used for MX lookups).
+    pub fn dns(&self) -> Option<&DnsSource> {
+        self.dns.as_ref()
+    }
+
     async fn ask(&self, kind: SourceKind, address: &DirectAddress, domain_query: bool) -> Answer {
         let domain = address.domain();
         match kind {

@@ -1,0 +1,150 @@
+//! Persistence behind one narrow trait: message bodies in fsynced spool
+//! files, everything else (queue jobs, mailbox indexes, users) in a sled
+//! index. Nothing is acknowledged before it is on disk: `spool` returns only
+//! after the file is fsynced and renamed and the directory fsynced; every
+//! index write is flushed before it returns.
+
+mod sled_store;
+
+pub use sled_store::SledStore;
+
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{path}: {error}")]
+    Io {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("index database: {0}")]
+    Index(String),
+    #[error("corrupt index entry {key}: {why}")]
+    Corrupt { key: String, why: String },
+    #[error("no such {what} {id}")]
+    NotFound { what: &'static str, id: String },
+}
+
+impl From<sled::Error> for StoreError {
+    fn from(e: sled::Error) -> Self {
+        StoreError::Index(e.to_string())
+    }
+}
+
+/// What the queue does with a job's message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum JobKind {
+    /// Submitted by an edge client: seal per destination domain and deliver.
+    Outgoing,
+    /// Received and opened: forward, decrypted, to the domain's edge relay.
+    EdgeRelay,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RecipientStatus {
+    Pending,
+    Delivered,
+    Failed,
+}
+
+/// One recipient of a job and where its delivery stands.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RecipientState {
+    pub address: String,
+    pub status: RecipientStatus,
+    pub attempts: u32,
+    /// Unix seconds before which no new attempt is made.
+    pub next_attempt: i64,
+    pub last_error: Option<String>,
+    /// Enhanced status code of the last result ("5.7.1", "4.4.1").
+    pub status_code: Option<String>,
+}
+
+impl RecipientState {
+    pub fn pending(address: impl Into<String>) -> RecipientState {
+        RecipientState {
+            address: address.into(),
+            status: RecipientStatus::Pending,
+            attempts: 0,
+            next_attempt: 0,
+            last_error: None,
+            status_code: None,
+        }
+    }
+}
+
+/// A unit of queued work: one message and its recipients.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Job {
+    pub id: String,
+    pub kind: JobKind,
+    /// Spool id of the message bytes.
+    pub spool: String,
+    pub mail_from: String,
+    pub recipients: Vec<RecipientState>,
+    /// Unix seconds.
+    pub created: i64,
+    pub message_id: Option<String>,
+    /// Whether a DSN for the failed recipients has been produced.
+    pub dsn_sent: bool,
+}
+
+impl Job {
+    pub fn is_finished(&self) -> bool {
+        self.recipients
+            .iter()
+            .all(|r| r.status != RecipientStatus::Pending)
+    }
+}
+
+/// One message in a mailbox.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MailboxEntry {
+    pub uid: u64,
+    pub spool: String,
+    pub message_id: Option<String>,
+    pub size: usize,
+    /// Unix seconds.
+    pub received: i64,
+    pub flags: Vec<String>,
+}
+
+/// The outcome of a local delivery.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LocalDelivery {
+    Stored {
+        uid: u64,
+    },
+    /// The mailbox already holds this Message-ID: delivered exactly once.
+    Duplicate {
+        uid: u64,
+    },
+}
+
+/// The storage contract every protocol module uses.
+pub trait Storage: Send + Sync {
+    /// Writes a message durably; returns its spool id.
+    fn spool(&self, data: &[u8]) -> Result<String, StoreError>;
+    fn read(&self, spool: &str) -> Result<Vec<u8>, StoreError>;
+
+    /// Records a new job (its message already spooled). Durable on return.
+    fn enqueue(&self, job: &Job) -> Result<(), StoreError>;
+    fn update_job(&self, job: &Job) -> Result<(), StoreError>;
+    /// Removes a finished job and its spool file.
+    fn finish_job(&self, id: &str) -> Result<(), StoreError>;
+    fn job(&self, id: &str) -> Result<Option<Job>, StoreError>;
+    fn jobs(&self) -> Result<Vec<Job>, StoreError>;
+
+    /// Stores a message in a mailbox, once per Message-ID. Durable on return.
+    fn deliver_local(
+        &self,
+        mailbox: &str,
+        message_id: Option<&str>,
+        data: &[u8],
+    ) -> Result<LocalDelivery, StoreError>;
+    fn mailbox(&self, mailbox: &str) -> Result<Vec<MailboxEntry>, StoreError>;
+    fn mailbox_message(&self, mailbox: &str, uid: u64) -> Result<Vec<u8>, StoreError>;
+}

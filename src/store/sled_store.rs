@@ -1,0 +1,367 @@
+//! The embedded store: sled for the index, one file per message body.
+
+use super::{Job, LocalDelivery, MailboxEntry, Storage, StoreError};
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+use sled::Transactional;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+pub struct SledStore {
+    db: sled::Db,
+    spool_dir: PathBuf,
+    jobs: sled::Tree,
+    mailboxes: sled::Tree,
+    dedupe: sled::Tree,
+    uidnext: sled::Tree,
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
+    move |error| StoreError::Io {
+        path: path.to_path_buf(),
+        error,
+    }
+}
+
+fn new_id() -> String {
+    let mut bytes = [0u8; 16];
+    if openssl::rand::rand_bytes(&mut bytes).is_err() {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        bytes.copy_from_slice(&nanos.to_le_bytes());
+    }
+    hex::encode(bytes)
+}
+
+fn valid_spool_id(id: &str) -> bool {
+    id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+fn mailbox_key(mailbox: &str, uid: u64) -> Vec<u8> {
+    let mut k = mailbox.to_ascii_lowercase().into_bytes();
+    k.push(0);
+    k.extend_from_slice(&uid.to_be_bytes());
+    k
+}
+
+fn mailbox_prefix(mailbox: &str) -> Vec<u8> {
+    let mut k = mailbox.to_ascii_lowercase().into_bytes();
+    k.push(0);
+    k
+}
+
+impl SledStore {
+    /// Opens (creating) the store under `dir`: `dir/index` and `dir/spool`.
+    pub fn open(dir: &Path) -> Result<SledStore, StoreError> {
+        let spool_dir = dir.join("spool");
+        fs::create_dir_all(spool_dir.join("tmp")).map_err(io(&spool_dir))?;
+        let db = sled::Config::new()
+            .path(dir.join("index"))
+            .open()
+            .map_err(|e| StoreError::Index(format!("{}: {e}", dir.join("index").display())))?;
+        let store = SledStore {
+            jobs: db.open_tree("jobs")?,
+            mailboxes: db.open_tree("mailboxes")?,
+            dedupe: db.open_tree("dedupe")?,
+            uidnext: db.open_tree("uidnext")?,
+            db,
+            spool_dir,
+        };
+        store.remove_orphans()?;
+        Ok(store)
+    }
+
+    /// The sled database, for other trees (users).
+    pub fn db(&self) -> &sled::Db {
+        &self.db
+    }
+
+    fn spool_path(&self, id: &str) -> Result<PathBuf, StoreError> {
+        if !valid_spool_id(id) {
+            return Err(StoreError::NotFound {
+                what: "spool file",
+                id: id.to_string(),
+            });
+        }
+        Ok(self.spool_dir.join(id))
+    }
+
+    /// Spool files that no job and no mailbox refers to were written by a
+    /// transaction that never committed (a crash before 250): remove them.
+    fn remove_orphans(&self) -> Result<(), StoreError> {
+        let mut referenced = std::collections::HashSet::new();
+        for job in self.jobs()? {
+            referenced.insert(job.spool);
+        }
+        for item in self.mailboxes.iter() {
+            let (k, v) = item?;
+            let entry: MailboxEntry =
+                serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt {
+                    key: String::from_utf8_lossy(&k).into_owned(),
+                    why: e.to_string(),
+                })?;
+            referenced.insert(entry.spool);
+        }
+        let tmp = self.spool_dir.join("tmp");
+        for dir in [&self.spool_dir, &tmp] {
+            for entry in fs::read_dir(dir).map_err(io(dir))? {
+                let entry = entry.map_err(io(dir))?;
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if entry.path().is_file() && !referenced.contains(&name) {
+                    let _ = fs::remove_file(entry.path());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        Ok(())
+    }
+}
+
+impl Storage for SledStore {
+    fn spool(&self, data: &[u8]) -> Result<String, StoreError> {
+        let id = new_id();
+        let tmp = self.spool_dir.join("tmp").join(&id);
+        let dest = self.spool_dir.join(&id);
+        {
+            let mut f = fs::File::create(&tmp).map_err(io(&tmp))?;
+            f.write_all(data).map_err(io(&tmp))?;
+            f.sync_all().map_err(io(&tmp))?;
+        }
+        fs::rename(&tmp, &dest).map_err(io(&dest))?;
+        fs::File::open(&self.spool_dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io(&self.spool_dir))?;
+        Ok(id)
+    }
+
+    fn read(&self, spool: &str) -> Result<Vec<u8>, StoreError> {
+        let path = self.spool_path(spool)?;
+        fs::read(&path).map_err(io(&path))
+    }
+
+    fn enqueue(&self, job: &Job) -> Result<(), StoreError> {
+        self.update_job(job)
+    }
+
+    fn update_job(&self, job: &Job) -> Result<(), StoreError> {
+        let value = serde_json::to_vec(job).map_err(|e| StoreError::Index(e.to_string()))?;
+        self.jobs.insert(job.id.as_bytes(), value)?;
+        self.flush()
+    }
+
+    fn finish_job(&self, id: &str) -> Result<(), StoreError> {
+        let Some(job) = self.job(id)? else {
+            return Ok(());
+        };
+        self.jobs.remove(id.as_bytes())?;
+        self.flush()?;
+        // The index no longer refers to the file: removing it last keeps a
+        // crash in between harmless (an orphan, cleaned at the next start).
+        if let Ok(path) = self.spool_path(&job.spool) {
+            let _ = fs::remove_file(path);
+        }
+        Ok(())
+    }
+
+    fn job(&self, id: &str) -> Result<Option<Job>, StoreError> {
+        match self.jobs.get(id.as_bytes())? {
+            Some(v) => serde_json::from_slice(&v)
+                .map(Some)
+                .map_err(|e| StoreError::Corrupt {
+                    key: id.to_string(),
+                    why: e.to_string(),
+                }),
+            None => Ok(None),
+        }
+    }
+
+    fn jobs(&self) -> Result<Vec<Job>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.jobs.iter() {
+            let (k, v) = item?;
+            out.push(serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt {
+                key: String::from_utf8_lossy(&k).into_owned(),
+                why: e.to_string(),
+            })?);
+        }
+        Ok(out)
+    }
+
+    fn deliver_local(
+        &self,
+        mailbox: &str,
+        message_id: Option<&str>,
+        data: &[u8],
+    ) -> Result<LocalDelivery, StoreError> {
+        let dedupe_key = message_id.map(|m| {
+            let mut k = mailbox_prefix(mailbox);
+            k.extend_from_slice(m.trim().as_bytes());
+            k
+        });
+        if let Some(k) = &dedupe_key {
+            if let Some(uid) = self.dedupe.get(k)? {
+                let uid = u64::from_be_bytes(uid.as_ref().try_into().unwrap_or([0; 8]));
+                return Ok(LocalDelivery::Duplicate { uid });
+            }
+        }
+        let spool = self.spool(data)?;
+        let received = chrono::Utc::now().timestamp();
+        let mailbox_name = mailbox.to_ascii_lowercase();
+        let result = (&self.mailboxes, &self.dedupe, &self.uidnext).transaction(
+            |(boxes, dedupe, uidnext)| {
+                if let Some(k) = &dedupe_key {
+                    if let Some(uid) = dedupe.get(k)? {
+                        let uid = u64::from_be_bytes(uid.as_ref().try_into().unwrap_or([0; 8]));
+                        return Ok(LocalDelivery::Duplicate { uid });
+                    }
+                }
+                let uid = uidnext
+                    .get(mailbox_name.as_bytes())?
+                    .map(|v| u64::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 8])))
+                    .unwrap_or(1);
+                uidnext.insert(mailbox_name.as_bytes(), &(uid + 1).to_be_bytes())?;
+                let entry = MailboxEntry {
+                    uid,
+                    spool: spool.clone(),
+                    message_id: message_id.map(|m| m.trim().to_string()),
+                    size: data.len(),
+                    received,
+                    flags: Vec::new(),
+                };
+                let value = serde_json::to_vec(&entry).map_err(|e| {
+                    ConflictableTransactionError::Abort(StoreError::Index(e.to_string()))
+                })?;
+                boxes.insert(mailbox_key(&mailbox_name, uid), value)?;
+                if let Some(k) = &dedupe_key {
+                    dedupe.insert(k.clone(), &uid.to_be_bytes())?;
+                }
+                Ok(LocalDelivery::Stored { uid })
+            },
+        );
+        let outcome = match result {
+            Ok(o) => o,
+            Err(TransactionError::Abort(e)) => return Err(e),
+            Err(TransactionError::Storage(e)) => return Err(e.into()),
+        };
+        if matches!(outcome, LocalDelivery::Duplicate { .. }) {
+            let _ = fs::remove_file(self.spool_dir.join(&spool));
+        }
+        self.flush()?;
+        Ok(outcome)
+    }
+
+    fn mailbox(&self, mailbox: &str) -> Result<Vec<MailboxEntry>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.mailboxes.scan_prefix(mailbox_prefix(mailbox)) {
+            let (k, v) = item?;
+            out.push(serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt {
+                key: String::from_utf8_lossy(&k).into_owned(),
+                why: e.to_string(),
+            })?);
+        }
+        Ok(out)
+    }
+
+    fn mailbox_message(&self, mailbox: &str, uid: u64) -> Result<Vec<u8>, StoreError> {
+        let key = mailbox_key(mailbox, uid);
+        let v = self
+            .mailboxes
+            .get(&key)?
+            .ok_or_else(|| StoreError::NotFound {
+                what: "message",
+                id: format!("{mailbox} uid {uid}"),
+            })?;
+        let entry: MailboxEntry = serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt {
+            key: format!("{mailbox} uid {uid}"),
+            why: e.to_string(),
+        })?;
+        self.read(&entry.spool)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{JobKind, RecipientState};
+
+    fn job(store: &SledStore, data: &[u8]) -> Job {
+        Job {
+            id: new_id(),
+            kind: JobKind::Outgoing,
+            spool: store.spool(data).unwrap(),
+            mail_from: "a@x.example".into(),
+            recipients: vec![RecipientState::pending("b@y.example")],
+            created: 0,
+            message_id: Some("<m@x>".into()),
+            dsn_sent: false,
+        }
+    }
+
+    #[test]
+    fn jobs_and_mailboxes_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let id;
+        {
+            let store = SledStore::open(dir.path()).unwrap();
+            let j = job(&store, b"hello");
+            id = j.id.clone();
+            store.enqueue(&j).unwrap();
+            assert_eq!(
+                store
+                    .deliver_local("Bob@Y.example", Some("<1@x>"), b"one")
+                    .unwrap(),
+                LocalDelivery::Stored { uid: 1 }
+            );
+            assert_eq!(
+                store
+                    .deliver_local("bob@y.example", Some("<1@x>"), b"one again")
+                    .unwrap(),
+                LocalDelivery::Duplicate { uid: 1 }
+            );
+            assert_eq!(
+                store.deliver_local("bob@y.example", None, b"two").unwrap(),
+                LocalDelivery::Stored { uid: 2 }
+            );
+        }
+        let store = SledStore::open(dir.path()).unwrap();
+        let j = store.job(&id).unwrap().unwrap();
+        assert_eq!(store.read(&j.spool).unwrap(), b"hello");
+        let entries = store.mailbox("bob@y.example").unwrap();
+        assert_eq!(
+            entries.iter().map(|e| e.uid).collect::<Vec<_>>(),
+            vec![1, 2]
+        );
+        assert_eq!(store.mailbox_message("bob@y.example", 1).unwrap(), b"one");
+        store.finish_job(&id).unwrap();
+        assert!(store.job(&id).unwrap().is_none());
+        assert!(
+            store.read(&j.spool).is_err(),
+            "the spool file goes with the job"
+        );
+    }
+
+    #[test]
+    fn orphaned_spool_files_are_removed_on_open_and_ids_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let orphan;
+        {
+            let store = SledStore::open(dir.path()).unwrap();
+            orphan = store.spool(b"never committed").unwrap();
+            let kept = job(&store, b"kept");
+            store.enqueue(&kept).unwrap();
+        }
+        let store = SledStore::open(dir.path()).unwrap();
+        assert!(store.read(&orphan).is_err());
+        assert_eq!(store.jobs().unwrap().len(), 1);
+        assert!(matches!(
+            store.read("../../etc/passwd"),
+            Err(StoreError::NotFound { .. })
+        ));
+    }
+}
