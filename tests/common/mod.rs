@@ -1,4 +1,5 @@
 #![allow(dead_code)]
+pub mod hisp;
 pub mod peers;
 pub mod servers;
 pub mod world;
