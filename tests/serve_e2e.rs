@@ -18,7 +18,9 @@ use std::time::Duration;
 /// A TCP proxy to `target` that records what the client sends and hides
 /// STARTTLS from the server's EHLO answer, as an attacker on the path could:
 /// the content must still be protected (and readable for the test).
-fn tapping_proxy(target: u16) -> (u16, Arc<Mutex<Vec<u8>>>) {
+type Tap = Arc<Mutex<Vec<u8>>>;
+
+fn tapping_proxy(target: u16) -> (u16, Tap) {
     let port = free_port();
     let listener = TcpListener::bind(("127.0.0.1", port)).expect("proxy");
     let tap = Arc::new(Mutex::new(Vec::new()));
@@ -74,7 +76,7 @@ fn cli_ok(node: &Node, args: &[&str]) -> String {
 
 #[test]
 fn a_message_crosses_two_hisps_sealed_and_a_recipient_without_certificate_gets_a_dsn() {
-    let tap_holder: Arc<Mutex<Option<Arc<Mutex<Vec<u8>>>>>> = Arc::new(Mutex::new(None));
+    let tap_holder: Arc<Mutex<Option<Tap>>> = Arc::new(Mutex::new(None));
     let holder = tap_holder.clone();
     let mut net = Net::new(move |b| {
         let (port, tap) = tapping_proxy(b.mx_port);
