@@ -308,3 +308,38 @@ fn the_mx_refuses_unsigned_untrusted_and_relayed_mail_and_submission_needs_auth(
         "an audit event for each refusal"
     );
 }
+
+#[test]
+fn received_mail_goes_decrypted_to_the_domains_edge_relay() {
+    let sink = common::sink::SmtpSink::start(&[]);
+    let mut net = Net::with_edge_relay(|b| b.mx_port, Some(sink.addr.to_string()));
+    let results = submit(
+        net.a.submission_port,
+        &serde_json::json!([message(&[BOB], "relay-1", "to the EHR")]),
+    );
+    assert_eq!(results[0]["ok"], true, "{results:?}");
+    let dump = sink.single_dump();
+    let text = String::from_utf8_lossy(&dump);
+    assert!(
+        text.contains("Message-ID: <relay-1@a.example>") && text.contains("to the EHR"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("pkcs7"),
+        "the EHR gets the decrypted message: {text}"
+    );
+    assert!(
+        net.b
+            .wait_log(Duration::from_secs(30), |l| l.contains("edge relay")
+                && l.contains("completed")),
+        "{}",
+        net.b.log_text()
+    );
+    net.b.stop();
+    let list = net.b.cli(&["mailbox", "list", BOB], b"");
+    assert!(
+        String::from_utf8_lossy(&list.stdout).trim().is_empty(),
+        "nothing kept in B's mailbox"
+    );
+    drop(net.bind.take());
+}

@@ -594,3 +594,191 @@ async fn authenticate<S: AsyncRead + AsyncWrite + Unpin, H: SmtpHandler>(
     };
     Some(handler.authenticate(&user, &password).ok_or_else(bad))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    use tokio::net::TcpStream;
+
+    /// Accepts everything for local.example; remembers messages.
+    struct TestHandler {
+        messages: std::sync::Mutex<Vec<Vec<u8>>>,
+    }
+
+    impl SmtpHandler for TestHandler {
+        fn authenticate(&self, user: &str, password: &str) -> Option<String> {
+            (user == "u@local.example" && password == "secret-pw").then(|| user.to_string())
+        }
+        fn check_mail_from(&self, _: ListenerKind, _: &Envelope, _: &str) -> Result<(), Reply> {
+            Ok(())
+        }
+        fn check_rcpt(&self, _: ListenerKind, _: &Envelope, rcpt: &str) -> Result<(), Reply> {
+            if rcpt.ends_with("@local.example") {
+                Ok(())
+            } else {
+                Err(Reply::new(550, "5.7.1", "relaying denied"))
+            }
+        }
+        fn data<'a>(
+            &'a self,
+            _: ListenerKind,
+            _: &'a Envelope,
+            message: Vec<u8>,
+        ) -> HandlerFuture<'a> {
+            Box::pin(async move {
+                self.messages.lock().unwrap().push(message);
+                Reply::new(250, "2.0.0", "stored")
+            })
+        }
+    }
+
+    async fn start(kind: ListenerKind) -> (SocketAddr, Arc<TestHandler>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let handler = Arc::new(TestHandler {
+            messages: std::sync::Mutex::new(Vec::new()),
+        });
+        let config = Arc::new(SessionConfig {
+            hostname: "mx.local.example".into(),
+            kind,
+            max_message_size: 1000,
+            max_recipients: 3,
+            tls: None,
+            command_timeout: Duration::from_secs(5),
+            data_timeout: Duration::from_secs(5),
+        });
+        let h = handler.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, remote)) = listener.accept().await {
+                tokio::spawn(serve_connection(stream, remote, config.clone(), h.clone()));
+            }
+        });
+        (addr, handler)
+    }
+
+    struct Client {
+        reader: BufReader<tokio::net::tcp::OwnedReadHalf>,
+        writer: tokio::net::tcp::OwnedWriteHalf,
+    }
+
+    impl Client {
+        async fn connect(addr: SocketAddr) -> Client {
+            let (r, w) = TcpStream::connect(addr).await.unwrap().into_split();
+            let mut c = Client {
+                reader: BufReader::new(r),
+                writer: w,
+            };
+            assert!(c.reply().await.starts_with("220"));
+            c
+        }
+        /// The last line of the next reply.
+        async fn reply(&mut self) -> String {
+            loop {
+                let mut line = String::new();
+                self.reader.read_line(&mut line).await.unwrap();
+                if line.len() < 4 || line.as_bytes()[3] != b'-' {
+                    return line;
+                }
+            }
+        }
+        async fn cmd(&mut self, line: &str) -> String {
+            self.writer
+                .write_all(format!("{line}\r\n").as_bytes())
+                .await
+                .unwrap();
+            self.reply().await
+        }
+    }
+
+    #[tokio::test]
+    async fn replies_to_bad_syntax_sequence_size_and_recipient_count() {
+        let (addr, handler) = start(ListenerKind::Mx).await;
+        let mut c = Client::connect(addr).await;
+        assert!(
+            c.cmd("MAIL FROM:<a@x.example>")
+                .await
+                .starts_with("503 5.5.1"),
+            "MAIL before EHLO"
+        );
+        assert!(c.cmd("FROBNICATE").await.starts_with("500 5.5.1"));
+        assert!(c.cmd("EHLO client.example").await.starts_with("250 "));
+        assert!(
+            c.cmd("RCPT TO:<b@local.example>").await.starts_with("503"),
+            "RCPT before MAIL"
+        );
+        assert!(c.cmd("DATA").await.starts_with("503"), "DATA before MAIL");
+        assert!(c.cmd("MAIL FROM:<not an address").await.starts_with("501"));
+        assert!(c
+            .cmd("MAIL FROM:<a@x.example> SIZE=5000")
+            .await
+            .starts_with("552 5.3.4"));
+        assert!(c.cmd("MAIL FROM:<a@x.example>").await.starts_with("250"));
+        assert!(
+            c.cmd("MAIL FROM:<a@x.example>").await.starts_with("503"),
+            "nested MAIL"
+        );
+        assert!(c
+            .cmd("RCPT TO:<v@elsewhere.example>")
+            .await
+            .starts_with("550 5.7.1"));
+        for i in 0..3 {
+            assert!(c
+                .cmd(&format!("RCPT TO:<r{i}@local.example>"))
+                .await
+                .starts_with("250"));
+        }
+        assert!(
+            c.cmd("RCPT TO:<r4@local.example>")
+                .await
+                .starts_with("452 4.5.3"),
+            "too many recipients"
+        );
+        assert!(c.cmd("DATA").await.starts_with("354"));
+        let big = "x".repeat(80);
+        for _ in 0..20 {
+            c.writer
+                .write_all(format!("{big}\r\n").as_bytes())
+                .await
+                .unwrap();
+        }
+        assert!(c.cmd(".").await.starts_with("552 5.3.4"), "oversize data");
+        assert!(handler.messages.lock().unwrap().is_empty());
+        // The session is still in step: a normal, pipelined transaction works.
+        c.writer
+            .write_all(b"MAIL FROM:<a@x.example>\r\nRCPT TO:<b@local.example>\r\nDATA\r\n")
+            .await
+            .unwrap();
+        assert!(c.reply().await.starts_with("250"));
+        assert!(c.reply().await.starts_with("250"));
+        assert!(c.reply().await.starts_with("354"));
+        assert!(c
+            .cmd("Subject: hi\r\n\r\n..dot-stuffed line\r\n.")
+            .await
+            .starts_with("250"));
+        assert_eq!(
+            handler.messages.lock().unwrap()[0],
+            b"Subject: hi\r\n\r\n.dot-stuffed line\r\n".to_vec()
+        );
+        assert!(c.cmd("QUIT").await.starts_with("221"));
+    }
+
+    #[tokio::test]
+    async fn submission_needs_tls_before_auth_and_auth_before_mail() {
+        let (addr, _) = start(ListenerKind::Submission).await;
+        let mut c = Client::connect(addr).await;
+        assert!(c.cmd("EHLO client.example").await.starts_with("250"));
+        assert!(c
+            .cmd("MAIL FROM:<u@local.example>")
+            .await
+            .starts_with("530 5.7.0"));
+        assert!(c
+            .cmd("AUTH PLAIN AHVAbG9jYWwuZXhhbXBsZQBzZWNyZXQtcHc=")
+            .await
+            .starts_with("538 5.7.11"));
+        assert!(
+            c.cmd("STARTTLS").await.starts_with("454"),
+            "no TLS configured in this test"
+        );
+    }
+}

@@ -161,6 +161,14 @@ pub const BOB: &str = "bob@b.example";
 impl Net {
     /// `a_delivery_port`: where A delivers mail for B (B's MX port, or a proxy).
     pub fn new(a_delivery_port: impl FnOnce(&Node) -> u16) -> Net {
+        Net::with_edge_relay(a_delivery_port, None)
+    }
+
+    /// Like `new`, with B delivering received mail to `b_edge_relay` ("host:port").
+    pub fn with_edge_relay(
+        a_delivery_port: impl FnOnce(&Node) -> u16,
+        b_edge_relay: Option<String>,
+    ) -> Net {
         let root = tempfile::tempdir().expect("root");
         let mut a = Node::new(root.path(), "a.example");
         let mut b = Node::new(root.path(), "b.example");
@@ -193,7 +201,7 @@ impl Net {
         // Publish both domains' certificates and MX records.
         let mut zone = String::from("mxa A 127.0.0.1\nmxb A 127.0.0.1\na MX 10 mxa\nb MX 10 mxb\n");
         for node in [&a, &b] {
-            write_config(node, 0, None);
+            write_config(node, 0, None, None);
             let out = node.cli(&["certs", "publish", "--zone"], b"");
             assert!(
                 out.status.success(),
@@ -204,8 +212,8 @@ impl Net {
         }
         let bind = Bind::start(&[("example", &zone)]).expect("named");
         let a_port = a_delivery_port(&b);
-        write_config(&a, a_port, Some(bind.addr().to_string()));
-        write_config(&b, a.mx_port, Some(bind.addr().to_string()));
+        write_config(&a, a_port, Some(bind.addr().to_string()), None);
+        write_config(&b, a.mx_port, Some(bind.addr().to_string()), b_edge_relay);
         let out = a.cli(
             &["users", "add", ALICE],
             format!("{ALICE_PASSWORD}\n").as_bytes(),
@@ -235,15 +243,23 @@ fn ok(cmd: &mut Command) {
     );
 }
 
-fn write_config(node: &Node, delivery_port: u16, nameserver: Option<String>) {
+fn write_config(
+    node: &Node,
+    delivery_port: u16,
+    nameserver: Option<String>,
+    edge_relay: Option<String>,
+) {
     let ns = nameserver.map(|n| format!("\"{n}\"")).unwrap_or_default();
+    let relay = edge_relay
+        .map(|r| format!("edge_relay = \"{r}\"\n"))
+        .unwrap_or_default();
     std::fs::write(
         &node.config,
         format!(
             "[server]\nhostname = \"mx.{d}\"\ndata_dir = \"data\"\nmx_listen = \"127.0.0.1:{mx}\"\nsubmission_listen = \"127.0.0.1:{sub}\"\nlog_format = \"json\"\n\n\
              [delivery]\nport = {delivery_port}\nretry_base_secs = 1\nconnect_timeout_secs = 5\n\n\
              [discovery]\nsources = [\"local\", \"dns\"]\nnameservers = [{ns}]\ndns_timeout_ms = 2000\ncache_negative_ttl_secs = 0\n\n\
-             [[domains]]\nname = \"{d}\"\n",
+             [[domains]]\nname = \"{d}\"\n{relay}",
             d = node.domain,
             mx = node.mx_port,
             sub = node.submission_port,

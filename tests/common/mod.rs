@@ -2,4 +2,5 @@
 pub mod hisp;
 pub mod peers;
 pub mod servers;
+pub mod sink;
 pub mod world;
