@@ -393,18 +393,26 @@ impl Worker {
         (base.saturating_mul(1i64 << shift)).min(3600)
     }
 
+    /// When the earliest pending recipient is due (Unix seconds).
+    fn next_due(jobs: &[Job]) -> Option<i64> {
+        jobs.iter()
+            .flat_map(|j| j.recipients.iter())
+            .filter(|r| r.status == RecipientStatus::Pending)
+            .map(|r| r.next_attempt)
+            .min()
+    }
+
+    fn read_jobs(&self) -> Vec<Job> {
+        self.hub.store.jobs().unwrap_or_else(|e| {
+            tracing::error!("reading the queue: {e}");
+            Vec::new()
+        })
+    }
+
     async fn run(self) {
         loop {
-            let jobs = match self.hub.store.jobs() {
-                Ok(j) => j,
-                Err(e) => {
-                    tracing::error!("reading the queue: {e}");
-                    Vec::new()
-                }
-            };
             let now = Hub::now();
-            let mut next_due: Option<i64> = None;
-            for job in jobs {
+            for job in self.read_jobs() {
                 let due = job
                     .recipients
                     .iter()
@@ -413,12 +421,17 @@ impl Worker {
                     .min();
                 match due {
                     Some(t) if t <= now => self.process(job).await,
-                    Some(t) => next_due = Some(next_due.map_or(t, |n| n.min(t))),
+                    Some(_) => {}
                     None => self.finish(job).await,
                 }
             }
-            let wait = next_due
-                .map(|t| Duration::from_secs((t - Hub::now()).clamp(1, 60) as u64))
+            // Decide the wait from the queue as it is now, after this round's
+            // attempts set their own next times.
+            // At least a short pause, so a job that cannot be saved does not spin.
+            let wait = Self::next_due(&self.read_jobs())
+                .map(|t| {
+                    Duration::from_millis(((t - Hub::now()).clamp(0, 60) as u64 * 1000).max(200))
+                })
                 .unwrap_or(Duration::from_secs(60));
             let _ = tokio::time::timeout(wait, self.hub.wake.notified()).await;
         }

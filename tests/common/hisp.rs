@@ -21,6 +21,8 @@ pub struct Node {
     pub submission_port: u16,
     pub child: Option<Child>,
     pub log: PathBuf,
+    /// Extra environment for `serve` (HISPD__SECTION__KEY overrides).
+    pub env: Vec<(String, String)>,
 }
 
 impl Node {
@@ -35,6 +37,7 @@ impl Node {
             mx_port: free_port(),
             submission_port: free_port(),
             child: None,
+            env: Vec::new(),
         }
     }
 
@@ -66,6 +69,7 @@ impl Node {
             .arg(&self.config)
             .arg("serve")
             .env("HISPD_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -112,6 +116,16 @@ impl Node {
             }
             let _ = c.kill();
             let _ = c.wait();
+        }
+    }
+
+    /// Sends SIGHUP (reload).
+    pub fn hup(&self) {
+        if let Some(c) = &self.child {
+            let _ = Command::new("kill")
+                .arg("-HUP")
+                .arg(c.id().to_string())
+                .status();
         }
     }
 

@@ -1,0 +1,173 @@
+//! Operations of `hispd serve`: retries while the destination is down, the
+//! maximum age and its DSN, and SIGHUP reloading anchors without a restart.
+
+mod common;
+
+use common::hisp::*;
+use std::time::Duration;
+
+fn dsn_in_alices_mailbox(net: &Net) -> Vec<(String, String, String, Option<String>)> {
+    let out = net.a.cli(&["mailbox", "list", ALICE], b"");
+    let list = String::from_utf8_lossy(&out.stdout).to_string();
+    let mut all = Vec::new();
+    for uid in list.lines().filter_map(|l| l.split('\t').next()) {
+        let shown = net.a.cli(&["mailbox", "show", ALICE, uid], b"");
+        if let Some(parsed) = hispd::notify::dsn::parse_dsn(&shown.stdout) {
+            all.extend(parsed);
+        }
+    }
+    all
+}
+
+#[test]
+fn delivery_is_retried_until_the_destination_is_back() {
+    let mut net = Net::new(|b| b.mx_port);
+    net.b.stop();
+    let results = submit(
+        net.a.submission_port,
+        &serde_json::json!([message(&[BOB], "retry-1", "later")]),
+    );
+    assert_eq!(results[0]["ok"], true);
+    assert!(
+        net.a
+            .wait_log(Duration::from_secs(30), |l| l.contains("retry-1")
+                || l.contains("temporary failure")),
+        "{}",
+        net.a.log_text()
+    );
+    assert!(
+        net.a
+            .wait_log(Duration::from_secs(30), |l| l.contains("temporary failure")),
+        "the first attempt fails temporarily:\n{}",
+        net.a.log_text()
+    );
+    net.b.start();
+    assert!(
+        net.b
+            .wait_log(Duration::from_secs(60), |l| l.contains("retry-1@a.example")
+                && l.contains("delivered")),
+        "a later attempt delivers it:\nA:\n{}\nB:\n{}",
+        net.a.log_text(),
+        net.b.log_text()
+    );
+    drop(net.bind.take());
+}
+
+#[test]
+fn after_the_maximum_age_the_sender_gets_a_dsn() {
+    let mut net = Net::new(|b| b.mx_port);
+    net.b.stop();
+    net.a.stop();
+    net.a
+        .env
+        .push(("HISPD__DELIVERY__MAX_AGE_SECS".into(), "2".into()));
+    net.a.start();
+    let results = submit(
+        net.a.submission_port,
+        &serde_json::json!([message(&[BOB], "old-1", "never")]),
+    );
+    assert_eq!(results[0]["ok"], true);
+    assert!(
+        net.a.wait_log(Duration::from_secs(60), |l| l
+            .contains("DSN delivered to the sender")),
+        "{}",
+        net.a.log_text()
+    );
+    net.a.stop();
+    let dsn = dsn_in_alices_mailbox(&net);
+    assert_eq!(dsn.len(), 1, "{dsn:?}");
+    assert_eq!(dsn[0].0, BOB);
+    assert_eq!(dsn[0].2, "4.4.7", "{dsn:?}");
+    assert!(
+        dsn[0]
+            .3
+            .as_deref()
+            .unwrap_or_default()
+            .contains("delivery time expired"),
+        "{dsn:?}"
+    );
+    drop(net.bind.take());
+}
+
+#[test]
+fn sighup_reloads_anchors_without_a_restart() {
+    let mut net = Net::new(|b| b.mx_port);
+    let anchor = net
+        .b
+        .dir
+        .join("certs/b.example/anchors/both/a.example-ca.pem");
+    let saved = std::fs::read(&anchor).expect("anchor");
+    let pid_before = net.b.child.as_ref().map(|c| c.id());
+
+    // B stops trusting A: the next message is refused, and Alice hears why.
+    std::fs::remove_file(&anchor).expect("remove anchor");
+    // A configuration without any anchor for B is refused by reload, so give
+    // it an unrelated one: the reload must take effect.
+    std::fs::copy(
+        net.b.dir.join("certs/b.example/private/cert.pem"),
+        net.b.dir.join("certs/b.example/anchors/both/self.pem"),
+    )
+    .expect("other anchor");
+    net.b.hup();
+    assert!(
+        net.b
+            .wait_log(Duration::from_secs(10), |l| l.contains("reloaded")),
+        "{}",
+        net.b.log_text()
+    );
+    let results = submit(
+        net.a.submission_port,
+        &serde_json::json!([message(&[BOB], "hup-1", "refused")]),
+    );
+    assert_eq!(results[0]["ok"], true);
+    assert!(
+        net.b
+            .wait_log(Duration::from_secs(30), |l| l.contains("incoming-refused")
+                && l.contains("signer-trust")),
+        "{}",
+        net.b.log_text()
+    );
+    assert!(
+        net.a.wait_log(Duration::from_secs(30), |l| l
+            .contains("DSN delivered to the sender")),
+        "{}",
+        net.a.log_text()
+    );
+
+    // Trust restored, reloaded again: the next message is delivered.
+    std::fs::write(&anchor, saved).expect("restore anchor");
+    net.b.hup();
+    assert!(
+        net.b
+            .wait_log(Duration::from_secs(10), |l| l.matches("reloaded").count()
+                >= 2),
+        "{}",
+        net.b.log_text()
+    );
+    let results = submit(
+        net.a.submission_port,
+        &serde_json::json!([message(&[BOB], "hup-2", "accepted")]),
+    );
+    assert_eq!(results[0]["ok"], true);
+    assert!(
+        net.b
+            .wait_log(Duration::from_secs(30), |l| l.contains("hup-2@a.example")
+                && l.contains("delivered")),
+        "{}",
+        net.b.log_text()
+    );
+    assert_eq!(
+        net.b.child.as_ref().map(|c| c.id()),
+        pid_before,
+        "the same process throughout"
+    );
+    net.a.stop();
+    let dsn = dsn_in_alices_mailbox(&net);
+    assert!(
+        dsn.iter().any(|(r, action, _, why)| r == BOB
+            && action == "failed"
+            && why.as_deref().unwrap_or_default().contains("signer-trust")),
+        "{dsn:?}"
+    );
+    drop(net.bind.take());
+}
