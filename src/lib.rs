@@ -8,6 +8,7 @@ pub mod discovery;
 pub mod http;
 pub mod notify;
 pub mod pki;
+pub mod queue;
 pub mod server;
 pub mod smime;
 pub mod smtp;

@@ -1,0 +1,541 @@
+//! The delivery queue: outgoing jobs (discover, seal per destination domain,
+//! deliver by MX), edge-relay jobs, typed per-recipient outcomes, retries
+//! with backoff, the maximum age, and DSNs for what failed.
+
+use crate::address::DirectAddress;
+use crate::agent::SealRequest;
+use crate::discovery::TrustContext;
+use crate::notify::dsn::{self, Action, DsnRequest, FailedRecipient};
+use crate::server::{audit, domain_of, message_id_of, Hub};
+use crate::smtp::client::{self, ClientConfig, Outcome, TlsPolicy};
+use crate::smtp::server::Reply;
+use crate::store::{Job, JobKind, RecipientState, RecipientStatus, Storage};
+use hickory_resolver::proto::rr::{RData, RecordType};
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The queue worker: outgoing and edge-relay jobs, retries, DSNs.
+pub struct Worker {
+    hub: Arc<Hub>,
+}
+
+impl Worker {
+    pub fn new(hub: Arc<Hub>) -> Worker {
+        Worker { hub }
+    }
+}
+
+impl Worker {
+    fn backoff(&self, attempts: u32) -> i64 {
+        let base = self.hub.settings.delivery.retry_base.as_secs() as i64;
+        let shift = attempts.saturating_sub(1).min(16);
+        (base.saturating_mul(1i64 << shift)).min(3600)
+    }
+
+    /// When the earliest pending recipient is due (Unix seconds).
+    fn next_due(jobs: &[Job]) -> Option<i64> {
+        jobs.iter()
+            .flat_map(|j| j.recipients.iter())
+            .filter(|r| r.status == RecipientStatus::Pending)
+            .map(|r| r.next_attempt)
+            .min()
+    }
+
+    fn read_jobs(&self) -> Vec<Job> {
+        self.hub.store.jobs().unwrap_or_else(|e| {
+            tracing::error!("reading the queue: {e}");
+            Vec::new()
+        })
+    }
+
+    pub async fn run(self) {
+        loop {
+            let now = Hub::now();
+            for job in self.read_jobs() {
+                let due = job
+                    .recipients
+                    .iter()
+                    .filter(|r| r.status == RecipientStatus::Pending)
+                    .map(|r| r.next_attempt)
+                    .min();
+                match due {
+                    Some(t) if t <= now => self.process(job).await,
+                    Some(_) => {}
+                    None => self.finish(job).await,
+                }
+            }
+            // Decide the wait from the queue as it is now, after this round's
+            // attempts set their own next times.
+            // At least a short pause, so a job that cannot be saved does not spin.
+            let wait = Self::next_due(&self.read_jobs())
+                .map(|t| {
+                    Duration::from_millis(((t - Hub::now()).clamp(0, 60) as u64 * 1000).max(200))
+                })
+                .unwrap_or(Duration::from_secs(60));
+            let _ = tokio::time::timeout(wait, self.hub.wake.notified()).await;
+        }
+    }
+
+    async fn process(&self, mut job: Job) {
+        let message = match self.hub.store.read(&job.spool) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::error!(job = %job.id, "spool file unreadable, failing the job: {e}");
+                for r in job
+                    .recipients
+                    .iter_mut()
+                    .filter(|r| r.status == RecipientStatus::Pending)
+                {
+                    r.status = RecipientStatus::Failed;
+                    r.last_error = Some(format!("message lost from the spool: {e}"));
+                    r.status_code = Some("4.3.0".into());
+                }
+                let _ = self.hub.store.update_job(&job);
+                return;
+            }
+        };
+        match job.kind {
+            JobKind::Outgoing => self.outgoing(&mut job, &message).await,
+            JobKind::EdgeRelay => self.edge_relay(&mut job, &message).await,
+        }
+        let now = Hub::now();
+        let max_age = self.hub.settings.delivery.max_age.as_secs() as i64;
+        for r in job
+            .recipients
+            .iter_mut()
+            .filter(|r| r.status == RecipientStatus::Pending)
+        {
+            if now - job.created > max_age {
+                r.status = RecipientStatus::Failed;
+                r.status_code = Some("4.4.7".into());
+                r.last_error = Some(format!(
+                    "delivery time expired after {} attempts; last error: {}",
+                    r.attempts,
+                    r.last_error.clone().unwrap_or_default()
+                ));
+            }
+        }
+        if let Err(e) = self.hub.store.update_job(&job) {
+            tracing::error!(job = %job.id, "saving delivery results: {e}");
+            return;
+        }
+        if job.is_finished() {
+            self.finish(job).await;
+        }
+    }
+
+    fn record(&self, r: &mut RecipientState, outcome: &Outcome) {
+        r.attempts += 1;
+        match outcome {
+            Outcome::Completed => {
+                r.status = RecipientStatus::Delivered;
+                r.last_error = None;
+                r.status_code = Some("2.0.0".into());
+            }
+            Outcome::PermanentFailure(why) => {
+                r.status = RecipientStatus::Failed;
+                r.last_error = Some(why.clone());
+                r.status_code = Some(status_code(why, "5.0.0"));
+            }
+            Outcome::TemporaryFailure(why) => {
+                r.last_error = Some(why.clone());
+                r.status_code = Some(status_code(why, "4.0.0"));
+                r.next_attempt = Hub::now() + self.backoff(r.attempts);
+            }
+        }
+    }
+
+    async fn outgoing(&self, job: &mut Job, message: &[u8]) {
+        let agent = self.hub.agent();
+        let discovery = self.hub.discovery();
+        let Ok(from) = DirectAddress::parse(&job.mail_from) else {
+            for r in job.recipients.iter_mut() {
+                r.status = RecipientStatus::Failed;
+                r.last_error = Some(format!("bad sender address {:?}", job.mail_from));
+            }
+            return;
+        };
+        let Some(sender_domain) = agent.domain(from.domain()).cloned() else {
+            for r in job.recipients.iter_mut() {
+                r.status = RecipientStatus::Failed;
+                r.last_error = Some(format!("{} is no longer a local domain", from.domain()));
+                r.status_code = Some("5.7.1".into());
+            }
+            return;
+        };
+        let ctx = TrustContext {
+            domain: sender_domain.name.clone(),
+            anchors: Some(sender_domain.outgoing_anchors.clone()),
+            at: Hub::now(),
+            min_rsa_bits: agent.settings.min_rsa_bits,
+        };
+        let now = Hub::now();
+        let mut by_domain: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+        for (i, r) in job.recipients.iter().enumerate() {
+            if r.status == RecipientStatus::Pending && r.next_attempt <= now {
+                by_domain.entry(domain_of(&r.address)).or_default().push(i);
+            }
+        }
+        for (domain, indexes) in by_domain {
+            // Discover each recipient; one without a certificate fails alone.
+            let mut certs = Vec::new();
+            let mut ready = Vec::new();
+            for &i in &indexes {
+                let r = &mut job.recipients[i];
+                let Ok(address) = DirectAddress::parse(&r.address) else {
+                    r.status = RecipientStatus::Failed;
+                    r.last_error = Some(format!("{:?} is not a valid address", r.address));
+                    r.status_code = Some("5.1.3".into());
+                    continue;
+                };
+                let found = discovery.discover(&address, &ctx).await;
+                if found.certificates.is_empty() {
+                    let why = found
+                        .report
+                        .candidates
+                        .first()
+                        .map(|c| format!("certificate \"{}\" refused: {}", c.subject, c.reason))
+                        .unwrap_or_else(|| {
+                            "no certificate is published for this address or its domain".into()
+                        });
+                    if found.report.temporary_failure {
+                        r.attempts += 1;
+                        r.last_error =
+                            Some(format!("certificate discovery could not finish: {why}"));
+                        r.status_code = Some("4.4.3".into());
+                        r.next_attempt = Hub::now() + self.backoff(r.attempts);
+                    } else {
+                        r.status = RecipientStatus::Failed;
+                        r.last_error =
+                            Some(format!("no usable certificate for {}: {why}", r.address));
+                        r.status_code = Some("5.7.1".into());
+                        audit("recipient-no-certificate", &format!("{}: {why}", r.address));
+                    }
+                    continue;
+                }
+                certs.extend(found.certificates);
+                ready.push((i, address));
+            }
+            if ready.is_empty() {
+                continue;
+            }
+            let sealed = agent.seal_for_domain(
+                &sender_domain,
+                SealRequest {
+                    from: from.clone(),
+                    recipients: ready.iter().map(|(_, a)| a.clone()).collect(),
+                    message,
+                    recipient_certificates: certs,
+                    at: Hub::now(),
+                },
+            );
+            let sealed = match sealed {
+                Ok(s) => s,
+                Err(e) => {
+                    audit("outgoing-refused", &format!("[{}] {e}", e.rule()));
+                    for (i, _) in &ready {
+                        let r = &mut job.recipients[*i];
+                        r.status = RecipientStatus::Failed;
+                        r.last_error = Some(format!("cannot seal: {e}"));
+                        r.status_code = Some("5.7.1".into());
+                    }
+                    continue;
+                }
+            };
+            let rcpts: Vec<String> = ready.iter().map(|(_, a)| a.to_string()).collect();
+            if agent.domain(&domain).is_some() {
+                // Our own domain: the incoming path, without the network.
+                let reply = self
+                    .hub
+                    .receive_sealed(&job.mail_from, &rcpts, &sealed.message)
+                    .await;
+                let outcome = reply_outcome(&reply);
+                for (i, _) in &ready {
+                    self.record(&mut job.recipients[*i], &outcome);
+                }
+                continue;
+            }
+            let report = self
+                .deliver_remote(&domain, &job.mail_from, &rcpts, &sealed.message)
+                .await;
+            for (i, address) in &ready {
+                let outcome = report
+                    .iter()
+                    .find(|(a, _)| a.eq_ignore_ascii_case(&address.to_string()))
+                    .map(|(_, o)| o.clone())
+                    .unwrap_or_else(|| {
+                        Outcome::TemporaryFailure("no result from the remote server".into())
+                    });
+                tracing::info!(job = %job.id, recipient = %address, outcome = %outcome, "delivery attempt");
+                self.record(&mut job.recipients[*i], &outcome);
+            }
+        }
+    }
+
+    async fn edge_relay(&self, job: &mut Job, message: &[u8]) {
+        let domain = job
+            .recipients
+            .first()
+            .map(|r| domain_of(&r.address))
+            .unwrap_or_default();
+        let Some(relay) = self.hub.edge_relays.get(&domain).cloned() else {
+            for r in job.recipients.iter_mut() {
+                r.status = RecipientStatus::Failed;
+                r.last_error = Some(format!("{domain} has no edge relay any more"));
+            }
+            return;
+        };
+        let rcpts: Vec<String> = job
+            .recipients
+            .iter()
+            .filter(|r| r.status == RecipientStatus::Pending)
+            .map(|r| r.address.clone())
+            .collect();
+        let report = self
+            .deliver_to(
+                std::slice::from_ref(&relay),
+                &job.mail_from,
+                &rcpts,
+                message,
+                false,
+            )
+            .await;
+        for r in job
+            .recipients
+            .iter_mut()
+            .filter(|r| r.status == RecipientStatus::Pending)
+        {
+            let outcome = report
+                .iter()
+                .find(|(a, _)| a.eq_ignore_ascii_case(&r.address))
+                .map(|(_, o)| o.clone())
+                .unwrap_or_else(|| {
+                    Outcome::TemporaryFailure("no result from the edge relay".into())
+                });
+            tracing::info!(job = %job.id, recipient = %r.address, relay = %relay, outcome = %outcome, "edge relay");
+            self.record(r, &outcome);
+        }
+    }
+
+    /// MX hosts of `domain` (or the smart host), as "host:port" in order.
+    async fn route(&self, domain: &str) -> Vec<String> {
+        let delivery = &self.hub.settings.delivery;
+        if let Some(smart) = &delivery.smart_host {
+            return vec![smart.clone()];
+        }
+        let discovery = self.hub.discovery();
+        let Some(dns) = discovery.dns() else {
+            return vec![format!("{domain}:{}", delivery.port)];
+        };
+        match dns
+            .resolver()
+            .lookup(format!("{domain}."), RecordType::MX)
+            .await
+        {
+            Ok(lookup) => {
+                let mut mx: Vec<(u16, String)> = lookup
+                    .answers()
+                    .iter()
+                    .filter_map(|r| match &r.data {
+                        RData::MX(m) => Some((m.preference, m.exchange.to_string())),
+                        _ => None,
+                    })
+                    .collect();
+                mx.sort();
+                mx.into_iter()
+                    .map(|(_, host)| format!("{}:{}", host.trim_end_matches('.'), delivery.port))
+                    .collect()
+            }
+            // No MX: the domain itself (RFC 5321 §5.1).
+            Err(_) => vec![format!("{domain}:{}", delivery.port)],
+        }
+    }
+
+    async fn deliver_remote(
+        &self,
+        domain: &str,
+        mail_from: &str,
+        rcpts: &[String],
+        message: &[u8],
+    ) -> Vec<(String, Outcome)> {
+        let hosts = self.route(domain).await;
+        let require = self.hub.settings.delivery.require_tls;
+        self.deliver_to(&hosts, mail_from, rcpts, message, require)
+            .await
+    }
+
+    /// Tries each "host:port" in turn until one is reached.
+    async fn deliver_to(
+        &self,
+        hosts: &[String],
+        mail_from: &str,
+        rcpts: &[String],
+        message: &[u8],
+        require_tls: bool,
+    ) -> Vec<(String, Outcome)> {
+        let settings = &self.hub.settings;
+        let config = ClientConfig {
+            helo_name: settings.server.hostname.clone(),
+            tls: if require_tls {
+                TlsPolicy::Required
+            } else {
+                TlsPolicy::Opportunistic
+            },
+            verify_tls: false,
+            ca_file: None,
+            connect_timeout: settings.delivery.connect_timeout,
+            command_timeout: Duration::from_secs(300),
+            data_timeout: Duration::from_secs(600),
+        };
+        let mut last = rcpts
+            .iter()
+            .map(|r| {
+                (
+                    r.clone(),
+                    Outcome::TemporaryFailure(format!("no mail server found for {r}")),
+                )
+            })
+            .collect::<Vec<_>>();
+        let discovery = self.hub.discovery();
+        for host in hosts {
+            let Some((name, port)) = host.rsplit_once(':') else {
+                continue;
+            };
+            let Ok(port) = port.parse::<u16>() else {
+                continue;
+            };
+            let ips: Vec<IpAddr> = if let Ok(ip) = name.parse::<IpAddr>() {
+                vec![ip]
+            } else if let Some(dns) = discovery.dns() {
+                match dns.resolver().lookup_ip(format!("{name}.")).await {
+                    Ok(l) => l.iter().collect(),
+                    Err(e) => {
+                        last = rcpts
+                            .iter()
+                            .map(|r| {
+                                (
+                                    r.clone(),
+                                    Outcome::TemporaryFailure(format!(
+                                        "cannot resolve {name}: {e}"
+                                    )),
+                                )
+                            })
+                            .collect();
+                        continue;
+                    }
+                }
+            } else {
+                Vec::new()
+            };
+            for ip in ips {
+                let envelope = client::Envelope {
+                    mail_from,
+                    rcpt_to: rcpts,
+                    size: Some(message.len()),
+                };
+                let report =
+                    client::deliver(SocketAddr::new(ip, port), name, &config, &envelope, message)
+                        .await;
+                let reached = report.per_recipient.iter().any(|(_, o)| !o.is_temporary());
+                last = report.per_recipient;
+                if reached {
+                    return last;
+                }
+            }
+        }
+        last
+    }
+
+    /// A finished job: DSN for failed recipients (to a local sender), then
+    /// the job and its spool file go.
+    async fn finish(&self, mut job: Job) {
+        let failed: Vec<FailedRecipient> = job
+            .recipients
+            .iter()
+            .filter(|r| r.status == RecipientStatus::Failed)
+            .map(|r| FailedRecipient {
+                address: r.address.clone(),
+                status: r.status_code.clone().unwrap_or_else(|| "5.0.0".into()),
+                action: Action::Failed,
+                diagnostic: r
+                    .last_error
+                    .clone()
+                    .unwrap_or_else(|| "delivery failed".into()),
+                remote_mta: None,
+            })
+            .collect();
+        if !failed.is_empty()
+            && !job.dsn_sent
+            && job.kind == JobKind::Outgoing
+            && !job.mail_from.is_empty()
+        {
+            let original = self.hub.store.read(&job.spool).unwrap_or_default();
+            let hostname = self.hub.settings.server.hostname.clone();
+            let dsn_message = dsn::build_dsn(
+                &DsnRequest {
+                    reporting_mta: &hostname,
+                    original_sender: &job.mail_from,
+                    original_message: &original,
+                    recipients: &failed,
+                    arrival_date: chrono::DateTime::from_timestamp(job.created, 0),
+                },
+                "",
+            );
+            let sender_local = self
+                .hub
+                .agent()
+                .domain(&domain_of(&job.mail_from))
+                .is_some();
+            if sender_local {
+                let id = message_id_of(&dsn_message);
+                match self
+                    .hub
+                    .store
+                    .deliver_local(&job.mail_from, id.as_deref(), &dsn_message)
+                {
+                    Ok(_) => {
+                        tracing::info!(job = %job.id, to = %job.mail_from, failed = failed.len(), "DSN delivered to the sender")
+                    }
+                    Err(e) => {
+                        tracing::error!(job = %job.id, "storing the DSN: {e}");
+                        return;
+                    }
+                }
+            } else {
+                tracing::warn!(job = %job.id, sender = %job.mail_from, "sender is not local: no DSN sent");
+            }
+            job.dsn_sent = true;
+            if self.hub.store.update_job(&job).is_err() {
+                return;
+            }
+        }
+        if let Err(e) = self.hub.store.finish_job(&job.id) {
+            tracing::error!(job = %job.id, "removing a finished job: {e}");
+        }
+    }
+}
+
+/// The enhanced status code in an SMTP reply text, or `default`.
+fn status_code(text: &str, default: &str) -> String {
+    text.split_whitespace()
+        .find(|w| {
+            let parts: Vec<&str> = w.split('.').collect();
+            parts.len() == 3
+                && parts
+                    .iter()
+                    .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .unwrap_or(default)
+        .to_string()
+}
+
+fn reply_outcome(reply: &Reply) -> Outcome {
+    let text = format!("{} {} {}", reply.code, reply.status, reply.text);
+    match reply.code {
+        200..=399 => Outcome::Completed,
+        400..=499 => Outcome::TemporaryFailure(text),
+        _ => Outcome::PermanentFailure(text),
+    }
+}
