@@ -5,6 +5,7 @@ pub mod agent;
 pub mod config;
 pub mod demo;
 pub mod discovery;
+pub mod edge;
 pub mod http;
 pub mod notify;
 pub mod pki;

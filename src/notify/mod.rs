@@ -3,3 +3,4 @@
 //! MDNs that arrive, so that a notification is never answered with another.
 
 pub mod dsn;
+pub mod mdn;

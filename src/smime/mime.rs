@@ -185,9 +185,36 @@ impl<'a> Entity<'a> {
             .to_string();
         split_multipart(self.body, &boundary)
     }
+
+    /// `multipart_parts` that tolerates a missing closing delimiter.
+    pub fn multipart_parts_lenient(&self) -> Result<Vec<&'a [u8]>, MimeError> {
+        let ct = self.content_type();
+        let boundary = ct
+            .param("boundary")
+            .ok_or(MimeError::NoBoundary)?
+            .to_string();
+        split_multipart_lenient(self.body, &boundary)
+    }
 }
 
 pub fn split_multipart<'a>(body: &'a [u8], boundary: &str) -> Result<Vec<&'a [u8]>, MimeError> {
+    split_multipart_inner(body, boundary, false)
+}
+
+/// Like `split_multipart`, but a body without the closing delimiter (as some
+/// implementations send notifications) ends its last part at the end.
+pub fn split_multipart_lenient<'a>(
+    body: &'a [u8],
+    boundary: &str,
+) -> Result<Vec<&'a [u8]>, MimeError> {
+    split_multipart_inner(body, boundary, true)
+}
+
+fn split_multipart_inner<'a>(
+    body: &'a [u8],
+    boundary: &str,
+    lenient: bool,
+) -> Result<Vec<&'a [u8]>, MimeError> {
     let delimiter = format!("--{boundary}");
     let mut parts = Vec::new();
     let mut current_start: Option<usize> = None;
@@ -222,6 +249,12 @@ pub fn split_multipart<'a>(body: &'a [u8], boundary: &str) -> Result<Vec<&'a [u8
             break;
         }
         current_start = Some(line_end);
+    }
+    if !closed && lenient {
+        if let Some(start) = current_start {
+            parts.push(&body[start.min(body.len())..]);
+        }
+        closed = true;
     }
     if parts.is_empty() {
         return Err(MimeError::NoParts(boundary.to_string()));

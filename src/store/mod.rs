@@ -147,4 +147,15 @@ pub trait Storage: Send + Sync {
     ) -> Result<LocalDelivery, StoreError>;
     fn mailbox(&self, mailbox: &str) -> Result<Vec<MailboxEntry>, StoreError>;
     fn mailbox_message(&self, mailbox: &str, uid: u64) -> Result<Vec<u8>, StoreError>;
+
+    /// Adds a message with flags (IMAP APPEND); no Message-ID de-duplication.
+    fn append(&self, mailbox: &str, data: &[u8], flags: &[String]) -> Result<u64, StoreError>;
+    /// Replaces the flags of one message. Durable on return.
+    fn set_flags(&self, mailbox: &str, uid: u64, flags: &[String]) -> Result<(), StoreError>;
+    /// Removes messages (and their spool files). Durable on return.
+    fn expunge(&self, mailbox: &str, uids: &[u64]) -> Result<(), StoreError>;
+    /// The UID the next message of the mailbox will get.
+    fn uid_next(&self, mailbox: &str) -> Result<u64, StoreError>;
+    /// Mailbox names starting with `prefix` that hold or held messages.
+    fn mailboxes(&self, prefix: &str) -> Result<Vec<String>, StoreError>;
 }

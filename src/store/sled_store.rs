@@ -268,6 +268,97 @@ impl Storage for SledStore {
         Ok(out)
     }
 
+    fn append(&self, mailbox: &str, data: &[u8], flags: &[String]) -> Result<u64, StoreError> {
+        let spool = self.spool(data)?;
+        let name = mailbox.to_ascii_lowercase();
+        let received = chrono::Utc::now().timestamp();
+        let result = (&self.mailboxes, &self.uidnext).transaction(|(boxes, uidnext)| {
+            let uid = uidnext
+                .get(name.as_bytes())?
+                .map(|v| u64::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 8])))
+                .unwrap_or(1);
+            uidnext.insert(name.as_bytes(), &(uid + 1).to_be_bytes())?;
+            let entry = MailboxEntry {
+                uid,
+                spool: spool.clone(),
+                message_id: None,
+                size: data.len(),
+                received,
+                flags: flags.to_vec(),
+            };
+            let value = serde_json::to_vec(&entry).map_err(|e| {
+                ConflictableTransactionError::Abort(StoreError::Index(e.to_string()))
+            })?;
+            boxes.insert(mailbox_key(&name, uid), value)?;
+            Ok(uid)
+        });
+        let uid = match result {
+            Ok(uid) => uid,
+            Err(TransactionError::Abort(e)) => return Err(e),
+            Err(TransactionError::Storage(e)) => return Err(e.into()),
+        };
+        self.flush()?;
+        Ok(uid)
+    }
+
+    fn set_flags(&self, mailbox: &str, uid: u64, flags: &[String]) -> Result<(), StoreError> {
+        let key = mailbox_key(mailbox, uid);
+        let v = self
+            .mailboxes
+            .get(&key)?
+            .ok_or_else(|| StoreError::NotFound {
+                what: "message",
+                id: format!("{mailbox} uid {uid}"),
+            })?;
+        let mut entry: MailboxEntry =
+            serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt {
+                key: format!("{mailbox} uid {uid}"),
+                why: e.to_string(),
+            })?;
+        entry.flags = flags.to_vec();
+        let value = serde_json::to_vec(&entry).map_err(|e| StoreError::Index(e.to_string()))?;
+        self.mailboxes.insert(key, value)?;
+        self.flush()
+    }
+
+    fn expunge(&self, mailbox: &str, uids: &[u64]) -> Result<(), StoreError> {
+        let mut spools = Vec::new();
+        for uid in uids {
+            if let Some(v) = self.mailboxes.remove(mailbox_key(mailbox, *uid))? {
+                if let Ok(entry) = serde_json::from_slice::<MailboxEntry>(&v) {
+                    spools.push(entry.spool);
+                }
+            }
+        }
+        self.flush()?;
+        for spool in spools {
+            if let Ok(path) = self.spool_path(&spool) {
+                let _ = fs::remove_file(path);
+            }
+        }
+        Ok(())
+    }
+
+    fn uid_next(&self, mailbox: &str) -> Result<u64, StoreError> {
+        Ok(self
+            .uidnext
+            .get(mailbox.to_ascii_lowercase().as_bytes())?
+            .map(|v| u64::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 8])))
+            .unwrap_or(1))
+    }
+
+    fn mailboxes(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        let mut out = Vec::new();
+        for item in self
+            .uidnext
+            .scan_prefix(prefix.to_ascii_lowercase().as_bytes())
+        {
+            let (k, _) = item?;
+            out.push(String::from_utf8_lossy(&k).into_owned());
+        }
+        Ok(out)
+    }
+
     fn mailbox_message(&self, mailbox: &str, uid: u64) -> Result<Vec<u8>, StoreError> {
         let key = mailbox_key(mailbox, uid);
         let v = self
@@ -343,6 +434,49 @@ mod tests {
         assert!(
             store.read(&j.spool).is_err(),
             "the spool file goes with the job"
+        );
+    }
+
+    #[test]
+    fn flags_append_expunge_and_uids_are_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = SledStore::open(dir.path()).unwrap();
+            store
+                .deliver_local("bob@y.example", Some("<1@x>"), b"one")
+                .unwrap();
+            let uid = store
+                .append("bob@y.example/Sent", b"sent copy", &["\\Seen".to_string()])
+                .unwrap();
+            assert_eq!(uid, 1);
+            store
+                .set_flags("bob@y.example", 1, &["\\Seen".into(), "\\Deleted".into()])
+                .unwrap();
+            store
+                .deliver_local("bob@y.example", Some("<2@x>"), b"two")
+                .unwrap();
+            store.expunge("bob@y.example", &[1]).unwrap();
+        }
+        let store = SledStore::open(dir.path()).unwrap();
+        let inbox = store.mailbox("bob@y.example").unwrap();
+        assert_eq!(inbox.iter().map(|e| e.uid).collect::<Vec<_>>(), vec![2]);
+        assert_eq!(
+            store.uid_next("bob@y.example").unwrap(),
+            3,
+            "UIDs are never reused"
+        );
+        assert_eq!(
+            store.mailbox("bob@y.example/sent").unwrap()[0].flags,
+            vec!["\\Seen".to_string()]
+        );
+        let mut names = store.mailboxes("bob@y.example").unwrap();
+        names.sort();
+        assert_eq!(
+            names,
+            vec![
+                "bob@y.example".to_string(),
+                "bob@y.example/sent".to_string()
+            ]
         );
     }
 
