@@ -41,6 +41,7 @@ impl fmt::Display for ConfigErrors {
 #[serde(deny_unknown_fields)]
 struct RawSettings {
     server: RawServer,
+    notify: RawNotify,
     delivery: RawDelivery,
     smime: RawSmime,
     policy: RawPolicy,
@@ -65,7 +66,15 @@ struct RawServer {
     max_connections_per_ip: usize,
     command_timeout_secs: u64,
     data_timeout_secs: u64,
+    imap_listen: String,
+    pop3_listen: String,
     log_format: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNotify {
+    mdn_timeout_secs: u64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -94,7 +103,11 @@ pub struct ServerConfig {
     pub max_connections_per_ip: usize,
     pub command_timeout: Duration,
     pub data_timeout: Duration,
+    pub imap_listen: Option<std::net::SocketAddr>,
+    pub pop3_listen: Option<std::net::SocketAddr>,
     pub json_logs: bool,
+    /// As the sending HISP: how long to wait for processed/dispatched MDNs.
+    pub mdn_timeout: Duration,
 }
 
 /// Outbound delivery settings.
@@ -471,6 +484,10 @@ impl Settings {
         };
         let mx_listen = listen("server.mx_listen", &srv.mx_listen);
         let submission_listen = listen("server.submission_listen", &srv.submission_listen);
+        let imap_listen =
+            (!srv.imap_listen.is_empty()).then(|| listen("server.imap_listen", &srv.imap_listen));
+        let pop3_listen =
+            (!srv.pop3_listen.is_empty()).then(|| listen("server.pop3_listen", &srv.pop3_listen));
         if !matches!(srv.log_format.as_str(), "human" | "json") {
             problems.push(problem(
                 "server.log_format",
@@ -497,7 +514,10 @@ impl Settings {
             max_connections_per_ip: srv.max_connections_per_ip.max(1),
             command_timeout: Duration::from_secs(srv.command_timeout_secs.max(1)),
             data_timeout: Duration::from_secs(srv.data_timeout_secs.max(1)),
+            imap_listen,
+            pop3_listen,
             json_logs: srv.log_format == "json",
+            mdn_timeout: Duration::from_secs(raw.notify.mdn_timeout_secs.max(1)),
         };
         let dl = &raw.delivery;
         if !dl.smart_host.is_empty()

@@ -60,6 +60,13 @@ enum Command {
     /// Read the built-in mailboxes. Use while the daemon is stopped.
     #[command(subcommand)]
     Mailbox(MailboxCommand),
+    /// Each recipient's timeline of a message we sent (MDNs, DSNs, timeouts).
+    /// Use while the daemon is stopped.
+    Track {
+        message_id: String,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -586,6 +593,23 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Users(cmd) => users_command(config, cmd),
         Command::Queue(cmd) => queue_command(config, cmd),
         Command::Mailbox(cmd) => mailbox_command(config, cmd),
+        Command::Track { message_id, json } => {
+            let store = open_store(config)?;
+            let id = if message_id.starts_with('<') {
+                message_id.clone()
+            } else {
+                format!("<{message_id}>")
+            };
+            let Some(t) = hispd::notify::track::load(&store, &id)? else {
+                bail!("{id} is not a message this HISP sent (or its tracking was removed)");
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&t)?);
+            } else {
+                print!("{}", t.timeline());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Config(ConfigCommand::Check) => {
             let (settings, agent) =
                 Settings::load_agent(config).map_err(|e| anyhow::anyhow!("{e}"))?;

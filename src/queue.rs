@@ -6,6 +6,11 @@ use crate::address::DirectAddress;
 use crate::agent::SealRequest;
 use crate::discovery::TrustContext;
 use crate::notify::dsn::{self, Action, DsnRequest, FailedRecipient};
+use crate::notify::{
+    mdn::{self, Disposition},
+    track,
+};
+use crate::server::MdnToSend;
 use crate::server::{audit, domain_of, message_id_of, Hub};
 use crate::smtp::client::{self, ClientConfig, Outcome, TlsPolicy};
 use crate::smtp::server::Reply;
@@ -66,6 +71,7 @@ impl Worker {
                     None => self.finish(job).await,
                 }
             }
+            self.check_notification_timeouts().await;
             // Decide the wait from the queue as it is now, after this round's
             // attempts set their own next times.
             // At least a short pause, so a job that cannot be saved does not spin.
@@ -97,7 +103,7 @@ impl Worker {
             }
         };
         match job.kind {
-            JobKind::Outgoing => self.outgoing(&mut job, &message).await,
+            JobKind::Outgoing | JobKind::Notification => self.outgoing(&mut job, &message).await,
             JobKind::EdgeRelay => self.edge_relay(&mut job, &message).await,
         }
         let now = Hub::now();
@@ -269,12 +275,23 @@ impl Worker {
                         Outcome::TemporaryFailure("no result from the remote server".into())
                     });
                 tracing::info!(job = %job.id, recipient = %address, outcome = %outcome, "delivery attempt");
+                if let (Outcome::Completed, Some(id)) = (&outcome, &job.message_id) {
+                    if let Ok(Some(mut t)) = track::load(self.hub.store.as_ref(), id) {
+                        t.note(
+                            &address.to_string(),
+                            &format!("delivered to the {domain} MX"),
+                            Hub::now(),
+                        );
+                        let _ = track::save(self.hub.store.as_ref(), &t);
+                    }
+                }
                 self.record(&mut job.recipients[*i], &outcome);
             }
         }
     }
 
     async fn edge_relay(&self, job: &mut Job, message: &[u8]) {
+        let timely = mdn::wants_final_delivery(message);
         let domain = job
             .recipients
             .first()
@@ -316,6 +333,26 @@ impl Worker {
                 });
             tracing::info!(job = %job.id, recipient = %r.address, relay = %relay, outcome = %outcome, "edge relay");
             self.record(r, &outcome);
+            // The EHR's server has it (or never will): that is the final
+            // destination the sender may have asked to hear about.
+            let disposition = match &outcome {
+                Outcome::Completed if timely => Some((Disposition::Dispatched, None)),
+                Outcome::PermanentFailure(why) => Some((Disposition::Failed, Some(why.clone()))),
+                _ => None,
+            };
+            if let (Some((disposition, error)), Some(original)) =
+                (disposition, job.message_id.clone())
+            {
+                self.hub.send_mdn(&MdnToSend {
+                    from: r.address.clone(),
+                    to: job.mail_from.clone(),
+                    original_message_id: original,
+                    subject: None,
+                    disposition,
+                    final_destination_delivery: timely,
+                    error,
+                });
+            }
         }
     }
 
@@ -450,6 +487,88 @@ impl Worker {
 
     /// A finished job: DSN for failed recipients (to a local sender), then
     /// the job and its spool file go.
+    /// As the sending HISP: recipients whose MDN did not come in time fail,
+    /// and their senders get a DSN.
+    async fn check_notification_timeouts(&self) {
+        let timeout = self.hub.settings.server.mdn_timeout.as_secs() as i64;
+        let now = Hub::now();
+        let Ok(all) = track::all(self.hub.store.as_ref()) else {
+            return;
+        };
+        for mut t in all {
+            let overdue = t.overdue(now, timeout);
+            let failed: Vec<FailedRecipient> = overdue
+                .into_iter()
+                .filter(|(addr, why)| t.fail(addr, why, now))
+                .map(|(address, why)| FailedRecipient {
+                    address,
+                    status: "4.4.7".into(),
+                    action: Action::Failed,
+                    diagnostic: why,
+                    remote_mta: None,
+                })
+                .collect();
+            if failed.is_empty() {
+                continue;
+            }
+            if track::save(self.hub.store.as_ref(), &t).is_err() {
+                continue;
+            }
+            audit(
+                "notification-timeout",
+                &format!("{}: {} recipient(s)", t.message_id, failed.len()),
+            );
+            let headers = format!(
+                "From: {}\r\nMessage-ID: {}\r\nSubject: {}\r\n\r\n",
+                t.sender,
+                t.message_id,
+                t.subject.clone().unwrap_or_default()
+            );
+            self.deliver_dsn(&t.sender, headers.as_bytes(), &failed, t.created);
+        }
+    }
+
+    /// A DSN into a local sender's mailbox.
+    fn deliver_dsn(
+        &self,
+        sender: &str,
+        original: &[u8],
+        failed: &[FailedRecipient],
+        created: i64,
+    ) -> bool {
+        let hostname = self.hub.settings.server.hostname.clone();
+        let dsn_message = dsn::build_dsn(
+            &DsnRequest {
+                reporting_mta: &hostname,
+                original_sender: sender,
+                original_message: original,
+                recipients: failed,
+                arrival_date: chrono::DateTime::from_timestamp(created, 0),
+            },
+            "",
+        );
+        if self.hub.agent().domain(&domain_of(sender)).is_none() {
+            tracing::warn!(sender, "sender is not local: no DSN sent");
+            return true;
+        }
+        let id = message_id_of(&dsn_message);
+        match self
+            .hub
+            .store
+            .deliver_local(sender, id.as_deref(), &dsn_message)
+        {
+            Ok(_) => {
+                let _ = self.hub.changes.send(sender.to_ascii_lowercase());
+                tracing::info!(to = %sender, failed = failed.len(), "DSN delivered to the sender");
+                true
+            }
+            Err(e) => {
+                tracing::error!("storing a DSN: {e}");
+                false
+            }
+        }
+    }
+
     async fn finish(&self, mut job: Job) {
         let failed: Vec<FailedRecipient> = job
             .recipients
@@ -471,40 +590,18 @@ impl Worker {
             && job.kind == JobKind::Outgoing
             && !job.mail_from.is_empty()
         {
-            let original = self.hub.store.read(&job.spool).unwrap_or_default();
-            let hostname = self.hub.settings.server.hostname.clone();
-            let dsn_message = dsn::build_dsn(
-                &DsnRequest {
-                    reporting_mta: &hostname,
-                    original_sender: &job.mail_from,
-                    original_message: &original,
-                    recipients: &failed,
-                    arrival_date: chrono::DateTime::from_timestamp(job.created, 0),
-                },
-                "",
-            );
-            let sender_local = self
-                .hub
-                .agent()
-                .domain(&domain_of(&job.mail_from))
-                .is_some();
-            if sender_local {
-                let id = message_id_of(&dsn_message);
-                match self
-                    .hub
-                    .store
-                    .deliver_local(&job.mail_from, id.as_deref(), &dsn_message)
-                {
-                    Ok(_) => {
-                        tracing::info!(job = %job.id, to = %job.mail_from, failed = failed.len(), "DSN delivered to the sender")
+            // Failed here means no MDN will ever come: later ones are suppressed.
+            if let Some(id) = &job.message_id {
+                if let Ok(Some(mut t)) = track::load(self.hub.store.as_ref(), id) {
+                    for f in &failed {
+                        t.fail(&f.address, &f.diagnostic, Hub::now());
                     }
-                    Err(e) => {
-                        tracing::error!(job = %job.id, "storing the DSN: {e}");
-                        return;
-                    }
+                    let _ = track::save(self.hub.store.as_ref(), &t);
                 }
-            } else {
-                tracing::warn!(job = %job.id, sender = %job.mail_from, "sender is not local: no DSN sent");
+            }
+            let original = self.hub.store.read(&job.spool).unwrap_or_default();
+            if !self.deliver_dsn(&job.mail_from, &original, &failed, job.created) {
+                return;
             }
             job.dsn_sent = true;
             if self.hub.store.update_job(&job).is_err() {

@@ -14,6 +14,8 @@ use crate::address::DirectAddress;
 use crate::agent::{self, Agent, OpenRequest};
 use crate::config::{DomainConfig, Settings};
 use crate::discovery::Discovery;
+use crate::notify::mdn::{self, Disposition};
+use crate::notify::{self, track};
 use crate::smtp::server::{
     self as smtp, Envelope, HandlerFuture, ListenerKind, Reply, SessionConfig, SmtpHandler,
 };
@@ -56,6 +58,7 @@ pub struct Hub {
     pub(crate) store: Arc<SledStore>,
     pub(crate) users: Users,
     pub(crate) wake: Notify,
+    pub(crate) changes: tokio::sync::broadcast::Sender<String>,
     pub(crate) edge_relays: HashMap<String, String>,
     pub(crate) per_ip: Mutex<HashMap<IpAddr, usize>>,
 }
@@ -192,6 +195,13 @@ impl Hub {
         }
         for (domain, rcpts, opened) in opened_all {
             let message_id = opened.report.message_id.clone();
+            if notify::dsn::is_report(&opened.message) {
+                if let Err(reply) = self.receive_notification(&rcpts, &opened.message) {
+                    return reply;
+                }
+                continue;
+            }
+            let timely = mdn::wants_final_delivery(&opened.message);
             if let Some(relay) = self.edge_relays.get(&domain) {
                 let spool = match self.store.spool(&opened.message) {
                     Ok(s) => s,
@@ -207,7 +217,7 @@ impl Hub {
                         .map(|r| RecipientState::pending(r.to_string()))
                         .collect(),
                     created: Self::now(),
-                    message_id,
+                    message_id: message_id.clone(),
                     dsn_sent: false,
                 };
                 if let Err(e) = self.store.enqueue(&job) {
@@ -223,7 +233,29 @@ impl Hub {
                         &opened.message,
                     ) {
                         Ok(LocalDelivery::Stored { uid }) => {
-                            tracing::info!(mailbox = %r, uid, message_id = message_id.as_deref().unwrap_or("-"), "delivered")
+                            tracing::info!(mailbox = %r, uid, message_id = message_id.as_deref().unwrap_or("-"), "delivered");
+                            let _ = self.changes.send(r.to_string().to_ascii_lowercase());
+                            if timely {
+                                let pending = PendingDispatch {
+                                    original_message_id: message_id.clone().unwrap_or_default(),
+                                    from: r.to_string(),
+                                    to: opened.report.from.clone(),
+                                    subject: opened.report.subject.clone(),
+                                };
+                                if let Ok(v) = serde_json::to_vec(&pending) {
+                                    if let Err(e) = self.store.put_record(
+                                        DISPATCH,
+                                        &dispatch_key(&r.to_string(), uid),
+                                        &v,
+                                    ) {
+                                        return Reply::new(
+                                            451,
+                                            "4.3.0",
+                                            format!("local storage error: {e}"),
+                                        );
+                                    }
+                                }
+                            }
                         }
                         Ok(LocalDelivery::Duplicate { uid }) => tracing::info!(
                             mailbox = %r,
@@ -237,8 +269,120 @@ impl Hub {
                     }
                 }
             }
+            // Security and trust processing succeeded: a processed MDN for
+            // each recipient, sealed like any outgoing message.
+            if let Some(original_id) = &message_id {
+                for r in &rcpts {
+                    self.send_mdn(&MdnToSend {
+                        from: r.to_string(),
+                        to: opened.report.from.clone(),
+                        original_message_id: original_id.clone(),
+                        subject: opened.report.subject.clone(),
+                        disposition: Disposition::Processed,
+                        final_destination_delivery: false,
+                        error: None,
+                    });
+                }
+            }
         }
         Reply::new(250, "2.0.0", "message accepted")
+    }
+
+    /// An MDN or DSN for a message we sent: update the tracking, and pass
+    /// it to the edge sender when wanted. Never answered with an MDN.
+    fn receive_notification(&self, rcpts: &[DirectAddress], message: &[u8]) -> Result<(), Reply> {
+        let now = Self::now();
+        let store_err =
+            |e: StoreError| Reply::new(451, "4.3.0", format!("local storage error: {e}"));
+        let mut deliver = true;
+        if let Some(m) = mdn::parse_mdn(message) {
+            match track::load(self.store.as_ref(), &m.original_message_id).map_err(store_err)? {
+                Some(mut t) => {
+                    let applied = t.apply_mdn(&m.final_recipient, m.disposition, now);
+                    tracing::info!(
+                        original = %m.original_message_id,
+                        recipient = %m.final_recipient,
+                        disposition = m.disposition.as_str(),
+                        outcome = ?applied,
+                        "MDN received"
+                    );
+                    deliver = applied == track::Applied::Recorded && t.relay_mdns;
+                    track::save(self.store.as_ref(), &t).map_err(store_err)?;
+                }
+                None => {
+                    tracing::info!(original = %m.original_message_id, "MDN for a message we do not track")
+                }
+            }
+        } else if let Some(failed) = notify::dsn::parse_dsn(message) {
+            let original = message_id_of_report(message);
+            if let Some(id) = &original {
+                if let Some(mut t) = track::load(self.store.as_ref(), id).map_err(store_err)? {
+                    for (addr, action, status, why) in &failed {
+                        if action == "failed" {
+                            t.fail(
+                                addr,
+                                &format!("DSN {status}: {}", why.clone().unwrap_or_default()),
+                                now,
+                            );
+                        }
+                    }
+                    track::save(self.store.as_ref(), &t).map_err(store_err)?;
+                }
+            }
+            tracing::info!(
+                original = original.as_deref().unwrap_or("-"),
+                "DSN received"
+            );
+        }
+        if deliver {
+            let id = message_id_of(message);
+            for r in rcpts {
+                self.store
+                    .deliver_local(&r.to_string(), id.as_deref(), message)
+                    .map_err(store_err)?;
+                let _ = self.changes.send(r.to_string().to_ascii_lowercase());
+            }
+        }
+        Ok(())
+    }
+
+    /// Queues an MDN (sealed and delivered like any outgoing message).
+    pub(crate) fn send_mdn(&self, m: &MdnToSend) {
+        let reporting_ua = format!("{}; hispd", self.settings.server.hostname);
+        let message = mdn::build_mdn(&mdn::MdnRequest {
+            from: &m.from,
+            to: &m.to,
+            original_message_id: &m.original_message_id,
+            original_subject: m.subject.as_deref(),
+            disposition: m.disposition,
+            reporting_ua: &reporting_ua,
+            final_destination_delivery: m.final_destination_delivery,
+            error: m.error.as_deref(),
+        });
+        let spool = match self.store.spool(&message) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!("spooling an MDN: {e}");
+                return;
+            }
+        };
+        let job = Job {
+            id: new_job_id(),
+            kind: JobKind::Notification,
+            spool,
+            mail_from: m.from.clone(),
+            recipients: vec![RecipientState::pending(m.to.clone())],
+            created: Self::now(),
+            message_id: message_id_of(&message),
+            dsn_sent: false,
+        };
+        match self.store.enqueue(&job) {
+            Ok(()) => {
+                tracing::info!(job = %job.id, original = %m.original_message_id, to = %m.to, disposition = m.disposition.as_str(), "MDN queued");
+                self.wake.notify_one();
+            }
+            Err(e) => tracing::error!("queueing an MDN: {e}"),
+        }
     }
 
     async fn accept_submission(&self, envelope: &Envelope, message: Vec<u8>) -> Reply {
@@ -258,10 +402,24 @@ impl Hub {
                 );
             }
         }
+        // Notifications refer to the Message-ID: it must exist before the first attempt.
+        let message = ensure_message_id(message, &envelope.mail_from);
         let spool = match self.store.spool(&message) {
             Ok(s) => s,
             Err(e) => return Reply::new(451, "4.3.0", format!("local storage error: {e}")),
         };
+        if let Some(id) = message_id_of(&message) {
+            let mut t =
+                track::Tracking::new(&id, &envelope.mail_from, &envelope.rcpt_to, Self::now());
+            t.timely = mdn::wants_final_delivery(&message);
+            t.relay_mdns = has_header(&message, "Disposition-Notification-To");
+            t.subject = MessageParser::default()
+                .parse_headers(&message)
+                .and_then(|m| m.subject().map(str::to_string));
+            if let Err(e) = track::save(self.store.as_ref(), &t) {
+                return Reply::new(451, "4.3.0", format!("local storage error: {e}"));
+            }
+        }
         let job = Job {
             id: new_job_id(),
             kind: JobKind::Outgoing,
@@ -291,10 +449,124 @@ impl Hub {
     }
 }
 
+/// Records of messages waiting for their dispatched MDN, by mailbox and UID.
+pub(crate) const DISPATCH: &str = "dispatch";
+
+pub(crate) fn dispatch_key(mailbox: &str, uid: u64) -> String {
+    format!("{}\u{0}{uid}", mailbox.to_ascii_lowercase())
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+pub(crate) struct PendingDispatch {
+    pub original_message_id: String,
+    pub from: String,
+    pub to: String,
+    pub subject: Option<String>,
+}
+
+/// An MDN to send.
+pub(crate) struct MdnToSend {
+    pub from: String,
+    pub to: String,
+    pub original_message_id: String,
+    pub subject: Option<String>,
+    pub disposition: Disposition,
+    pub final_destination_delivery: bool,
+    pub error: Option<String>,
+}
+
+fn has_header(message: &[u8], name: &str) -> bool {
+    crate::smime::mime::Entity::parse(message)
+        .map(|e| e.header(name).is_some())
+        .unwrap_or(false)
+}
+
+/// The Message-ID a report is about (X-Original-Message-ID, or the headers
+/// of the returned message).
+fn message_id_of_report(message: &[u8]) -> Option<String> {
+    let text = String::from_utf8_lossy(message);
+    for line in text.lines() {
+        let lower = line.to_ascii_lowercase();
+        if lower.starts_with("x-original-message-id:") || lower.starts_with("original-message-id:")
+        {
+            return line.split_once(':').map(|(_, v)| v.trim().to_string());
+        }
+    }
+    // A text/rfc822-headers part: the second Message-ID in the report.
+    text.lines()
+        .filter(|l| l.to_ascii_lowercase().starts_with("message-id:"))
+        .nth(1)
+        .and_then(|l| l.split_once(':').map(|(_, v)| v.trim().to_string()))
+}
+
+/// Adds Date and Message-ID when a submitted message lacks them.
+fn ensure_message_id(message: Vec<u8>, sender: &str) -> Vec<u8> {
+    let Ok(entity) = crate::smime::mime::Entity::parse(&message) else {
+        return message;
+    };
+    let mut prefix = Vec::new();
+    if entity.header("Message-ID").is_none() {
+        let mut b = [0u8; 16];
+        let _ = openssl::rand::rand_bytes(&mut b);
+        let domain = sender
+            .rsplit_once('@')
+            .map(|(_, d)| d)
+            .unwrap_or("localhost");
+        prefix
+            .extend_from_slice(format!("Message-ID: <{}@{domain}>\r\n", hex::encode(b)).as_bytes());
+    }
+    if entity.header("Date").is_none() {
+        prefix
+            .extend_from_slice(format!("Date: {}\r\n", chrono::Utc::now().to_rfc2822()).as_bytes());
+    }
+    if prefix.is_empty() {
+        return message;
+    }
+    prefix.extend_from_slice(&message);
+    prefix
+}
+
 fn new_job_id() -> String {
     let mut b = [0u8; 12];
     let _ = openssl::rand::rand_bytes(&mut b);
     hex::encode(b)
+}
+
+impl crate::edge::EdgeBackend for Hub {
+    fn authenticate(&self, user: &str, password: &str) -> Option<String> {
+        SmtpHandler::authenticate(self, user, password)
+    }
+
+    fn storage(&self) -> &dyn Storage {
+        self.store.as_ref()
+    }
+
+    fn fetched(&self, mailbox: &str, uid: u64) {
+        let key = dispatch_key(mailbox, uid);
+        let Ok(Some(v)) = self.store.get_record(DISPATCH, &key) else {
+            return;
+        };
+        let Ok(pending) = serde_json::from_slice::<PendingDispatch>(&v) else {
+            return;
+        };
+        tracing::info!(mailbox, uid, original = %pending.original_message_id, "reached its final destination");
+        self.send_mdn(&MdnToSend {
+            from: pending.from,
+            to: pending.to,
+            original_message_id: pending.original_message_id,
+            subject: pending.subject,
+            disposition: Disposition::Dispatched,
+            final_destination_delivery: true,
+            error: None,
+        });
+        if let Err(e) = self.store.remove_record(DISPATCH, &key) {
+            tracing::error!("removing a dispatch record: {e}");
+        }
+    }
+
+    fn changes(&self) -> tokio::sync::broadcast::Receiver<String> {
+        self.changes.subscribe()
+    }
 }
 
 impl SmtpHandler for Hub {
@@ -472,6 +744,9 @@ pub struct Daemon {
     pub hub: Arc<Hub>,
     mx: tokio::net::TcpListener,
     submission: tokio::net::TcpListener,
+    imap: Option<tokio::net::TcpListener>,
+    pop3: Option<tokio::net::TcpListener>,
+    edge_config: Arc<crate::edge::EdgeConfig>,
     mx_config: Arc<SessionConfig>,
     submission_config: Arc<SessionConfig>,
     pub dev_password: Option<String>,
@@ -525,6 +800,19 @@ impl Daemon {
         };
         let mx = bind(settings.server.mx_listen).await?;
         let submission = bind(settings.server.submission_listen).await?;
+        let imap = match settings.server.imap_listen {
+            Some(addr) => Some(bind(addr).await?),
+            None => None,
+        };
+        let pop3 = match settings.server.pop3_listen {
+            Some(addr) => Some(bind(addr).await?),
+            None => None,
+        };
+        let edge_config = Arc::new(crate::edge::EdgeConfig {
+            hostname: settings.server.hostname.clone(),
+            tls: Some(tls.clone()),
+            timeout: Duration::from_secs(30 * 60),
+        });
         let hub = Arc::new(Hub {
             agent: RwLock::new(Arc::new(agent)),
             discovery: RwLock::new(Arc::new(discovery)),
@@ -533,12 +821,16 @@ impl Daemon {
             wake: Notify::new(),
             edge_relays,
             per_ip: Mutex::new(HashMap::new()),
+            changes: tokio::sync::broadcast::channel(256).0,
             settings,
         });
         Ok(Daemon {
             hub,
             mx,
             submission,
+            imap,
+            pop3,
+            edge_config,
             mx_config,
             submission_config,
             dev_password,
@@ -571,10 +863,21 @@ impl Daemon {
             self.hub.clone(),
             connections.clone(),
         );
+        let mut edge = Vec::new();
+        if let Some(l) = self.imap {
+            // IMAP_LISTEN_PLACEHOLDER
+            drop(l);
+        }
+        if let Some(l) = self.pop3 {
+            edge.push(tokio::spawn(crate::edge::pop3::listen(l, self.edge_config.clone(), self.hub.clone())));
+        }
         tokio::select! {
             _ = mx => {}
             _ = submission => {}
             _ = shutdown => {}
+        }
+        for e in &edge {
+            e.abort();
         }
         tracing::info!("stopping: no new connections; finishing open sessions");
         let max = self.hub.settings.server.max_connections as u32;

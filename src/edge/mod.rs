@@ -37,3 +37,4 @@ pub fn mailbox_name(account: &str, folder: &str) -> String {
         format!("{}/{}", account.to_ascii_lowercase(), folder)
     }
 }
+pub mod pop3;

@@ -4,3 +4,4 @@
 
 pub mod dsn;
 pub mod mdn;
+pub mod track;

@@ -38,6 +38,9 @@ impl From<sled::Error> for StoreError {
 pub enum JobKind {
     /// Submitted by an edge client: seal per destination domain and deliver.
     Outgoing,
+    /// An MDN we send: sealed and delivered like Outgoing, never answered
+    /// with a DSN when it fails.
+    Notification,
     /// Received and opened: forward, decrypted, to the domain's edge relay.
     EdgeRelay,
 }
@@ -158,4 +161,10 @@ pub trait Storage: Send + Sync {
     fn uid_next(&self, mailbox: &str) -> Result<u64, StoreError>;
     /// Mailbox names starting with `prefix` that hold or held messages.
     fn mailboxes(&self, prefix: &str) -> Result<Vec<String>, StoreError>;
+
+    /// Small records of a kind ("tracking", "dispatch", ...) by key. Durable on return.
+    fn put_record(&self, kind: &str, key: &str, value: &[u8]) -> Result<(), StoreError>;
+    fn get_record(&self, kind: &str, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    fn remove_record(&self, kind: &str, key: &str) -> Result<(), StoreError>;
+    fn records(&self, kind: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
 }

@@ -14,6 +14,7 @@ pub struct SledStore {
     mailboxes: sled::Tree,
     dedupe: sled::Tree,
     uidnext: sled::Tree,
+    records_tree: sled::Tree,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
@@ -46,6 +47,13 @@ fn mailbox_key(mailbox: &str, uid: u64) -> Vec<u8> {
     k
 }
 
+fn record_key(kind: &str, key: &str) -> Vec<u8> {
+    let mut k = kind.as_bytes().to_vec();
+    k.push(0);
+    k.extend_from_slice(key.as_bytes());
+    k
+}
+
 fn mailbox_prefix(mailbox: &str) -> Vec<u8> {
     let mut k = mailbox.to_ascii_lowercase().into_bytes();
     k.push(0);
@@ -66,6 +74,7 @@ impl SledStore {
             mailboxes: db.open_tree("mailboxes")?,
             dedupe: db.open_tree("dedupe")?,
             uidnext: db.open_tree("uidnext")?,
+            records_tree: db.open_tree("records")?,
             db,
             spool_dir,
         };
@@ -355,6 +364,36 @@ impl Storage for SledStore {
         {
             let (k, _) = item?;
             out.push(String::from_utf8_lossy(&k).into_owned());
+        }
+        Ok(out)
+    }
+
+    fn put_record(&self, kind: &str, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        self.records_tree.insert(record_key(kind, key), value)?;
+        self.flush()
+    }
+
+    fn get_record(&self, kind: &str, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self
+            .records_tree
+            .get(record_key(kind, key))?
+            .map(|v| v.to_vec()))
+    }
+
+    fn remove_record(&self, kind: &str, key: &str) -> Result<(), StoreError> {
+        self.records_tree.remove(record_key(kind, key))?;
+        self.flush()
+    }
+
+    fn records(&self, kind: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let prefix = record_key(kind, "");
+        let mut out = Vec::new();
+        for item in self.records_tree.scan_prefix(&prefix) {
+            let (k, v) = item?;
+            out.push((
+                String::from_utf8_lossy(&k[prefix.len()..]).into_owned(),
+                v.to_vec(),
+            ));
         }
         Ok(out)
     }

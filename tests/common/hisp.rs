@@ -19,6 +19,8 @@ pub struct Node {
     pub config: PathBuf,
     pub mx_port: u16,
     pub submission_port: u16,
+    pub imap_port: u16,
+    pub pop3_port: u16,
     pub child: Option<Child>,
     pub log: PathBuf,
     /// Extra environment for `serve` (HISPD__SECTION__KEY overrides).
@@ -36,6 +38,8 @@ impl Node {
             dir,
             mx_port: free_port(),
             submission_port: free_port(),
+            imap_port: free_port(),
+            pop3_port: free_port(),
             child: None,
             env: Vec::new(),
         }
@@ -270,13 +274,15 @@ fn write_config(
     std::fs::write(
         &node.config,
         format!(
-            "[server]\nhostname = \"mx.{d}\"\ndata_dir = \"data\"\nmx_listen = \"127.0.0.1:{mx}\"\nsubmission_listen = \"127.0.0.1:{sub}\"\nlog_format = \"json\"\n\n\
+            "[server]\nhostname = \"mx.{d}\"\ndata_dir = \"data\"\nmx_listen = \"127.0.0.1:{mx}\"\nsubmission_listen = \"127.0.0.1:{sub}\"\nimap_listen = \"127.0.0.1:{imap}\"\npop3_listen = \"127.0.0.1:{pop3}\"\nlog_format = \"json\"\n\n\
              [delivery]\nport = {delivery_port}\nretry_base_secs = 1\nconnect_timeout_secs = 5\n\n\
              [discovery]\nsources = [\"local\", \"dns\"]\nnameservers = [{ns}]\ndns_timeout_ms = 2000\ncache_negative_ttl_secs = 0\n\n\
              [[domains]]\nname = \"{d}\"\n{relay}",
             d = node.domain,
             mx = node.mx_port,
             sub = node.submission_port,
+            imap = node.imap_port,
+            pop3 = node.pop3_port,
         ),
     )
     .expect("config");

@@ -1,0 +1,274 @@
+//! Tracking of outgoing messages as the sending HISP: each recipient moves
+//! pending → processed → dispatched, or failed (a failure DSN, a failed MDN,
+//! or no MDN within the timeout). Kept as store records, one per Message-ID.
+
+use super::mdn::Disposition;
+use crate::store::{Storage, StoreError};
+use serde::{Deserialize, Serialize};
+
+pub const KIND: &str = "tracking";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    Pending,
+    Processed,
+    Dispatched,
+    Failed,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Event {
+    /// Unix seconds.
+    pub at: i64,
+    pub what: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TrackedRecipient {
+    pub address: String,
+    pub state: State,
+    pub events: Vec<Event>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Tracking {
+    pub message_id: String,
+    pub sender: String,
+    pub subject: Option<String>,
+    /// Unix seconds.
+    pub created: i64,
+    /// Timely and reliable delivery was requested: a dispatched MDN is due.
+    pub timely: bool,
+    /// The edge asked for notifications (Disposition-Notification-To): relay MDNs to it.
+    pub relay_mdns: bool,
+    pub recipients: Vec<TrackedRecipient>,
+}
+
+/// What a notification did to the tracking.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Applied {
+    /// State moved on; relay it to the edge if it asked.
+    Recorded,
+    /// The recipient had already failed, or got this state already: suppress.
+    Suppressed,
+    /// We never sent that message (or forgot it).
+    Unknown,
+}
+
+impl Tracking {
+    pub fn new(message_id: &str, sender: &str, recipients: &[String], created: i64) -> Tracking {
+        Tracking {
+            message_id: message_id.to_string(),
+            sender: sender.to_string(),
+            subject: None,
+            created,
+            timely: false,
+            relay_mdns: false,
+            recipients: recipients
+                .iter()
+                .map(|r| TrackedRecipient {
+                    address: r.to_ascii_lowercase(),
+                    state: State::Pending,
+                    events: vec![Event {
+                        at: created,
+                        what: "accepted for delivery".into(),
+                    }],
+                })
+                .collect(),
+        }
+    }
+
+    fn recipient(&mut self, address: &str) -> Option<&mut TrackedRecipient> {
+        let a = address
+            .trim()
+            .trim_start_matches('<')
+            .trim_end_matches('>')
+            .to_ascii_lowercase();
+        self.recipients.iter_mut().find(|r| r.address == a)
+    }
+
+    /// Applies an MDN from `recipient`.
+    pub fn apply_mdn(&mut self, recipient: &str, disposition: Disposition, at: i64) -> Applied {
+        let Some(r) = self.recipient(recipient) else {
+            return Applied::Unknown;
+        };
+        let next = match disposition {
+            Disposition::Processed => State::Processed,
+            Disposition::Dispatched | Disposition::Displayed => State::Dispatched,
+            Disposition::Failed | Disposition::Deleted => State::Failed,
+        };
+        let rank = |s: State| match s {
+            State::Pending => 0,
+            State::Processed => 1,
+            State::Dispatched => 2,
+            State::Failed => 3,
+        };
+        if r.state == State::Failed || rank(next) <= rank(r.state) {
+            r.events.push(Event {
+                at,
+                what: format!(
+                    "{} MDN suppressed (late or duplicate)",
+                    disposition.as_str()
+                ),
+            });
+            return Applied::Suppressed;
+        }
+        r.state = next;
+        r.events.push(Event {
+            at,
+            what: format!("{} MDN received", disposition.as_str()),
+        });
+        Applied::Recorded
+    }
+
+    /// Records a failure (DSN, delivery failure, timeout); false if already final.
+    pub fn fail(&mut self, recipient: &str, why: &str, at: i64) -> bool {
+        let Some(r) = self.recipient(recipient) else {
+            return false;
+        };
+        if matches!(r.state, State::Failed) || (r.state == State::Dispatched) {
+            return false;
+        }
+        r.state = State::Failed;
+        r.events.push(Event {
+            at,
+            what: format!("failed: {why}"),
+        });
+        true
+    }
+
+    pub fn note(&mut self, recipient: &str, what: &str, at: i64) {
+        if let Some(r) = self.recipient(recipient) {
+            r.events.push(Event {
+                at,
+                what: what.to_string(),
+            });
+        }
+    }
+
+    /// Recipients whose wait has run out at `now`, with the reason.
+    pub fn overdue(&self, now: i64, timeout: i64) -> Vec<(String, String)> {
+        if now - self.created <= timeout {
+            return Vec::new();
+        }
+        self.recipients
+            .iter()
+            .filter_map(|r| match r.state {
+                State::Pending => Some((r.address.clone(), format!("no processed MDN within {timeout} s"))),
+                State::Processed if self.timely => {
+                    Some((r.address.clone(), format!("no dispatched MDN within {timeout} s (timely and reliable delivery was requested)")))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    pub fn is_settled(&self) -> bool {
+        self.recipients.iter().all(|r| match r.state {
+            State::Failed | State::Dispatched => true,
+            State::Processed => !self.timely,
+            State::Pending => false,
+        })
+    }
+
+    /// The timeline, for `hispd track`.
+    pub fn timeline(&self) -> String {
+        let when = |t: i64| {
+            chrono::DateTime::from_timestamp(t, 0)
+                .map(|d| d.to_rfc3339())
+                .unwrap_or_default()
+        };
+        let mut s = format!(
+            "{} from {}{}{}\n",
+            self.message_id,
+            self.sender,
+            self.subject
+                .as_deref()
+                .map(|x| format!(", subject {x:?}"))
+                .unwrap_or_default(),
+            if self.timely {
+                ", timely and reliable delivery requested"
+            } else {
+                ""
+            }
+        );
+        for r in &self.recipients {
+            s.push_str(&format!("  {} — {:?}\n", r.address, r.state));
+            for e in &r.events {
+                s.push_str(&format!("    {}  {}\n", when(e.at), e.what));
+            }
+        }
+        s
+    }
+}
+
+pub fn load(store: &dyn Storage, message_id: &str) -> Result<Option<Tracking>, StoreError> {
+    match store.get_record(KIND, message_id.trim())? {
+        Some(v) => serde_json::from_slice(&v)
+            .map(Some)
+            .map_err(|e| StoreError::Corrupt {
+                key: message_id.to_string(),
+                why: e.to_string(),
+            }),
+        None => Ok(None),
+    }
+}
+
+pub fn save(store: &dyn Storage, t: &Tracking) -> Result<(), StoreError> {
+    let v = serde_json::to_vec(t).map_err(|e| StoreError::Index(e.to_string()))?;
+    store.put_record(KIND, t.message_id.trim(), &v)
+}
+
+pub fn all(store: &dyn Storage) -> Result<Vec<Tracking>, StoreError> {
+    store
+        .records(KIND)?
+        .into_iter()
+        .map(|(k, v)| {
+            serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt {
+                key: k,
+                why: e.to_string(),
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn states_advance_and_late_notifications_are_suppressed() {
+        let mut t = Tracking::new("<m@a>", "alice@a", &["Bob@B".into(), "carol@b".into()], 100);
+        t.timely = true;
+        assert_eq!(
+            t.apply_mdn("bob@b", Disposition::Processed, 110),
+            Applied::Recorded
+        );
+        assert_eq!(
+            t.apply_mdn("bob@b", Disposition::Processed, 111),
+            Applied::Suppressed,
+            "duplicate"
+        );
+        assert_eq!(
+            t.apply_mdn("bob@b", Disposition::Dispatched, 120),
+            Applied::Recorded
+        );
+        assert_eq!(
+            t.apply_mdn("dave@b", Disposition::Processed, 120),
+            Applied::Unknown
+        );
+        assert_eq!(t.overdue(150, 60), vec![], "not yet");
+        let overdue = t.overdue(200, 60);
+        assert_eq!(overdue.len(), 1);
+        assert_eq!(overdue[0].0, "carol@b");
+        assert!(t.fail("carol@b", "no processed MDN", 200));
+        assert_eq!(
+            t.apply_mdn("carol@b", Disposition::Processed, 300),
+            Applied::Suppressed,
+            "late after failure"
+        );
+        assert!(t.is_settled());
+        assert!(t.timeline().contains("suppressed"));
+    }
+}

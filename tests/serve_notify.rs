@@ -1,0 +1,192 @@
+//! Delivery notifications between two HISPs (Implementation Guide for
+//! Delivery Notification in Direct): B answers with a processed MDN, and
+//! with a dispatched MDN once Bob fetched the message over IMAP when timely
+//! and reliable delivery was asked; A records them; with B down, Alice gets
+//! a failure DSN after the (shortened) timeout; nobody answers an MDN.
+
+mod common;
+
+use common::hisp::*;
+use std::process::Command;
+use std::time::Duration;
+
+const BOB_PASSWORD: &str = "bob-password-1";
+
+fn timely_message(id: &str) -> serde_json::Value {
+    serde_json::json!({
+        "id": id,
+        "to": [BOB],
+        "data": format!(
+            "From: {ALICE}\r\nTo: {BOB}\r\nSubject: timely {id}\r\nMessage-ID: <{id}@a.example>\r\n\
+    Date: Fri, 04 Dec 2026 10:00:00 +0000\r\nDisposition-Notification-Options: X-DIRECT-FINAL-DESTINATION-DELIVERY=optional,true\r\n\r\nplease confirm\r\n"
+        ),
+    })
+}
+
+fn count(log: &str, needle: &str) -> usize {
+    log.lines().filter(|l| l.contains(needle)).count()
+}
+
+const FETCH_PY: &str = r#"
+import imaplib, sys
+port, user, password = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+m = imaplib.IMAP4("127.0.0.1", port)
+m.login(user, password)
+m.select("INBOX")
+typ, data = m.search(None, "ALL")
+for num in data[0].split():
+    typ, msg = m.fetch(num, "(BODY[])")
+    print(len(msg[0][1]))
+m.logout()
+"#;
+
+#[test]
+fn processed_and_dispatched_mdns_reach_the_sender_and_are_tracked() {
+    let mut net = Net::new(|b| b.mx_port);
+    net.b.stop();
+    let out = net.b.cli(
+        &["users", "add", BOB],
+        format!("{BOB_PASSWORD}\n").as_bytes(),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    net.b.start();
+
+    let results = submit(
+        net.a.submission_port,
+        &serde_json::json!([
+            message(&[BOB], "plain-1", "just processed"),
+            timely_message("timely-1")
+        ]),
+    );
+    assert!(results.iter().all(|r| r["ok"] == true), "{results:?}");
+
+    // Both get a processed MDN.
+    assert!(
+        net.a.wait_log(Duration::from_secs(60), |l| {
+            l.lines()
+                .filter(|x| {
+                    x.contains("MDN received") && x.contains("processed") && x.contains("Recorded")
+                })
+                .count()
+                >= 2
+        }),
+        "A records two processed MDNs\nA:\n{}\nB:\n{}",
+        net.a.log_text(),
+        net.b.log_text()
+    );
+    assert!(
+        !net.a.log_text().contains("dispatched"),
+        "no dispatched MDN before Bob reads it"
+    );
+
+    // Bob reads his mail over IMAP: the timely one is now at its final destination.
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            FETCH_PY,
+            &net.b.imap_port.to_string(),
+            BOB,
+            BOB_PASSWORD,
+        ])
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "imaplib: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        net.a.wait_log(Duration::from_secs(60), |l| l
+            .lines()
+            .any(|x| x.contains("MDN received")
+                && x.contains("dispatched")
+                && x.contains("timely-1"))),
+        "A records the dispatched MDN\nA:\n{}\nB:\n{}",
+        net.a.log_text(),
+        net.b.log_text()
+    );
+
+    // No MDN for an MDN: A queued none, B exactly three (2 processed, 1 dispatched).
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        count(&net.a.log_text(), "MDN queued"),
+        0,
+        "A never answers MDNs"
+    );
+    assert_eq!(
+        count(&net.b.log_text(), "MDN queued"),
+        3,
+        "{}",
+        net.b.log_text()
+    );
+
+    net.a.stop();
+    net.b.stop();
+    let track = net.a.cli(&["track", "<timely-1@a.example>", "--json"], b"");
+    assert!(
+        track.status.success(),
+        "{}",
+        String::from_utf8_lossy(&track.stderr)
+    );
+    let t: serde_json::Value = serde_json::from_slice(&track.stdout).expect("json");
+    assert_eq!(t["timely"], true);
+    assert_eq!(t["recipients"][0]["state"], "dispatched", "{t:#}");
+    let track = net.a.cli(&["track", "<plain-1@a.example>", "--json"], b"");
+    let t: serde_json::Value = serde_json::from_slice(&track.stdout).expect("json");
+    assert_eq!(t["recipients"][0]["state"], "processed", "{t:#}");
+    drop(net.bind.take());
+}
+
+#[test]
+fn without_an_mdn_in_time_the_sender_gets_a_failure_dsn() {
+    let mut net = Net::new(|b| b.mx_port);
+    net.b.stop();
+    net.a.stop();
+    net.a
+        .env
+        .push(("HISPD__NOTIFY__MDN_TIMEOUT_SECS".into(), "3".into()));
+    net.a.start();
+    let results = submit(
+        net.a.submission_port,
+        &serde_json::json!([message(&[BOB], "lost-1", "nobody answers")]),
+    );
+    assert_eq!(results[0]["ok"], true);
+    assert!(
+        net.a.wait_log(Duration::from_secs(60), |l| l
+            .contains("notification-timeout")),
+        "{}",
+        net.a.log_text()
+    );
+    assert!(net.a.wait_log(Duration::from_secs(10), |l| l
+        .contains("DSN delivered to the sender")));
+    net.a.stop();
+    let list = net.a.cli(&["mailbox", "list", ALICE], b"");
+    let list = String::from_utf8_lossy(&list.stdout).to_string();
+    let uid = list
+        .split_whitespace()
+        .next()
+        .expect("a DSN for Alice")
+        .to_string();
+    let shown = net.a.cli(&["mailbox", "show", ALICE, &uid], b"");
+    let dsn = hispd::notify::dsn::parse_dsn(&shown.stdout).expect("a DSN");
+    assert_eq!(dsn[0].0, BOB);
+    assert!(
+        dsn[0]
+            .3
+            .as_deref()
+            .unwrap_or_default()
+            .contains("no processed MDN"),
+        "{dsn:?}"
+    );
+    let track = net.a.cli(&["track", "<lost-1@a.example>"], b"");
+    assert!(
+        String::from_utf8_lossy(&track.stdout).contains("Failed"),
+        "{}",
+        String::from_utf8_lossy(&track.stdout)
+    );
+    drop(net.bind.take());
+}
