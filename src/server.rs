@@ -869,7 +869,11 @@ impl Daemon {
             drop(l);
         }
         if let Some(l) = self.pop3 {
-            edge.push(tokio::spawn(crate::edge::pop3::listen(l, self.edge_config.clone(), self.hub.clone())));
+            edge.push(tokio::spawn(crate::edge::pop3::listen(
+                l,
+                self.edge_config.clone(),
+                self.hub.clone(),
+            )));
         }
         tokio::select! {
             _ = mx => {}

@@ -191,8 +191,16 @@ impl MaildropLock {
     fn acquire<B: EdgeBackend>(backend: &B, mailbox: &str) -> Option<MaildropLock> {
         let storage = backend.storage() as *const dyn crate::store::Storage as *const () as usize;
         let key = (storage, mailbox.to_string());
-        let mut held = locks().lock().unwrap_or_else(|e| e.into_inner());
-        held.insert(key.clone()).then_some(MaildropLock { key })
+        let inserted = locks()
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key.clone());
+        // Built only once the table is unlocked: dropping a lock locks it.
+        if inserted {
+            Some(MaildropLock { key })
+        } else {
+            None
+        }
     }
 }
 
