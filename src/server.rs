@@ -865,8 +865,11 @@ impl Daemon {
         );
         let mut edge = Vec::new();
         if let Some(l) = self.imap {
-            // IMAP_LISTEN_PLACEHOLDER
-            drop(l);
+            edge.push(tokio::spawn(crate::edge::imap::listen(
+                l,
+                self.edge_config.clone(),
+                self.hub.clone(),
+            )));
         }
         if let Some(l) = self.pop3 {
             edge.push(tokio::spawn(crate::edge::pop3::listen(

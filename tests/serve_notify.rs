@@ -28,9 +28,13 @@ fn count(log: &str, needle: &str) -> usize {
 }
 
 const FETCH_PY: &str = r#"
-import imaplib, sys
+import imaplib, ssl, sys
 port, user, password = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 m = imaplib.IMAP4("127.0.0.1", port)
+ctx = ssl.create_default_context()
+ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE
+m.starttls(ctx)
 m.login(user, password)
 m.select("INBOX")
 typ, data = m.search(None, "ALL")
@@ -188,5 +192,81 @@ fn without_an_mdn_in_time_the_sender_gets_a_failure_dsn() {
         "{}",
         String::from_utf8_lossy(&track.stdout)
     );
+    drop(net.bind.take());
+}
+
+#[test]
+fn imap_and_pop3_clients_read_a_real_direct_delivery() {
+    let mut net = Net::new(|b| b.mx_port);
+    net.b.stop();
+    let out = net.b.cli(
+        &["users", "add", BOB],
+        format!("{BOB_PASSWORD}\n").as_bytes(),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    net.b.start();
+    let results = submit(
+        net.a.submission_port,
+        &serde_json::json!([message(&[BOB], "edge-1", "read me over IMAP and POP3")]),
+    );
+    assert_eq!(results[0]["ok"], true);
+    assert!(
+        net.b
+            .wait_log(Duration::from_secs(60), |l| l.contains("edge-1@a.example")
+                && l.contains("delivered")),
+        "{}",
+        net.b.log_text()
+    );
+    let user = format!("{BOB}:{BOB_PASSWORD}");
+    let curl = |url: String| {
+        let out = Command::new("curl")
+            .args([
+                "-s",
+                "--ssl-reqd",
+                "-k",
+                "--max-time",
+                "20",
+                "--user",
+                &user,
+                &url,
+            ])
+            .output()
+            .expect("curl");
+        assert!(
+            out.status.success(),
+            "curl {url}: exit {:?}",
+            out.status.code()
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let via_imap = curl(format!("imap://127.0.0.1:{}/INBOX;UID=1", net.b.imap_port));
+    assert!(
+        via_imap.contains("read me over IMAP and POP3")
+            && via_imap.contains("Message-ID: <edge-1@a.example>"),
+        "{via_imap}"
+    );
+    let via_pop3 = curl(format!("pop3://127.0.0.1:{}/1", net.b.pop3_port));
+    assert_eq!(
+        via_pop3.replace("\r\n", "\n").trim_end(),
+        via_imap.replace("\r\n", "\n").trim_end(),
+        "the same message both ways"
+    );
+    // Plain-text logins are refused before STARTTLS/STLS.
+    let out = Command::new("curl")
+        .args([
+            "-s",
+            "--max-time",
+            "20",
+            "--user",
+            &user,
+            &format!("imap://127.0.0.1:{}/INBOX;UID=1", net.b.imap_port),
+        ])
+        .output()
+        .expect("curl");
+    assert!(!out.status.success(), "IMAP LOGIN without TLS must fail");
     drop(net.bind.take());
 }

@@ -37,4 +37,5 @@ pub fn mailbox_name(account: &str, folder: &str) -> String {
         format!("{}/{}", account.to_ascii_lowercase(), folder)
     }
 }
+pub mod imap;
 pub mod pop3;
