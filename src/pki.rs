@@ -240,6 +240,37 @@ pub fn issue(ca: &Credential, spec: &LeafSpec) -> Result<Credential, PkiError> {
     })
 }
 
+/// A self-signed TLS server certificate for `hostname` (and 127.0.0.1, ::1),
+/// for listeners that have no configured certificate.
+pub fn self_signed_server(hostname: &str) -> Result<Credential, PkiError> {
+    let key = new_key(KeyKind::Rsa(2048))?;
+    let mut name = X509NameBuilder::new()?;
+    name.append_entry_by_nid(Nid::COMMONNAME, hostname)?;
+    let name = name.build();
+    let mut b = builder(&name, &name, &key, -3600, 5 * 365 * 86400)?;
+    b.append_extension(BasicConstraints::new().critical().build()?)?;
+    b.append_extension(
+        KeyUsage::new()
+            .critical()
+            .digital_signature()
+            .key_encipherment()
+            .build()?,
+    )?;
+    b.append_extension(ExtendedKeyUsage::new().server_auth().build()?)?;
+    let san = SubjectAlternativeName::new()
+        .dns(hostname)
+        .ip("127.0.0.1")
+        .ip("::1")
+        .build(&b.x509v3_context(None, None))?;
+    b.append_extension(san)?;
+    b.sign(&key, MessageDigest::sha256())?;
+    Ok(Credential {
+        cert: b.build(),
+        key,
+        chain: Vec::new(),
+    })
+}
+
 /// Checks an RSA size given on the command line.
 pub fn check_bits(bits: u32) -> Result<u32, PkiError> {
     match bits {

@@ -660,9 +660,9 @@ fn tls_acceptor(settings: &Settings) -> Result<Arc<openssl::ssl::SslAcceptor>, S
     let (cert, key) = match (&settings.server.tls_cert, &settings.server.tls_key) {
         (Some(c), Some(k)) => (c.clone(), k.clone()),
         _ => {
-            let dir = settings.server.data_dir.join("tls");
+            let dir = settings.server.data_dir.join("tls-server");
             if !dir.join("key.pem").exists() {
-                let ca = crate::pki::new_ca(&settings.server.hostname, 2048)
+                let ca = crate::pki::self_signed_server(&settings.server.hostname)
                     .map_err(|e| ServeError::Tls(e.to_string()))?;
                 crate::pki::save(&ca, &dir).map_err(|e| ServeError::Tls(e.to_string()))?;
             }

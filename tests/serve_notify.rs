@@ -195,6 +195,23 @@ fn without_an_mdn_in_time_the_sender_gets_a_failure_dsn() {
     drop(net.bind.take());
 }
 
+const POPLIB_PY: &str = r#"
+import poplib, ssl, sys
+port, user, password = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+p = poplib.POP3("127.0.0.1", port)
+ctx = ssl.create_default_context()
+ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE
+p.stls(ctx)
+p.user(user)
+p.pass_(password)
+count, size = p.stat()
+assert count == 1, count
+resp, lines, octets = p.retr(1)
+print(b"\r\n".join(lines).decode())
+p.quit()
+"#;
+
 #[test]
 fn imap_and_pop3_clients_read_a_real_direct_delivery() {
     let mut net = Net::new(|b| b.mx_port);
@@ -255,6 +272,72 @@ fn imap_and_pop3_clients_read_a_real_direct_delivery() {
         via_imap.replace("\r\n", "\n").trim_end(),
         "the same message both ways"
     );
+    // Python's poplib with STLS.
+    let pop = Command::new("python3")
+        .args([
+            "-c",
+            POPLIB_PY,
+            &net.b.pop3_port.to_string(),
+            BOB,
+            BOB_PASSWORD,
+        ])
+        .output()
+        .expect("python3");
+    assert!(
+        pop.status.success(),
+        "poplib: {}",
+        String::from_utf8_lossy(&pop.stderr)
+    );
+    assert!(String::from_utf8_lossy(&pop.stdout).contains("read me over IMAP and POP3"));
+    // mbsync (isync) over STARTTLS, trusting the daemon's certificate.
+    let maildir = net.root.path().join("maildir");
+    std::fs::create_dir_all(&maildir).expect("maildir");
+    let rc = net.root.path().join("mbsyncrc");
+    std::fs::write(
+        &rc,
+        format!(
+            "IMAPAccount b\nHost 127.0.0.1\nPort {port}\nUser {BOB}\nPass {BOB_PASSWORD}\nSSLType STARTTLS\nCertificateFile {cert}\nSystemCertificates no\n\n\
+             IMAPStore remote\nAccount b\n\nMaildirStore local\nPath {md}/\nInbox {md}/INBOX\n\n\
+             Channel c\nFar :remote:INBOX\nNear :local:INBOX\nSync Pull\nCreate Near\nSyncState *\n",
+            port = net.b.imap_port,
+            cert = net.b.dir.join("data/tls-server/cert.pem").display(),
+            md = maildir.display(),
+        ),
+    )
+    .expect("mbsyncrc");
+    let sync = Command::new("mbsync")
+        .arg("-V")
+        .arg("-c")
+        .arg(&rc)
+        .arg("-a")
+        .output()
+        .expect("mbsync");
+    assert!(
+        sync.status.success(),
+        "mbsync: {}",
+        String::from_utf8_lossy(&sync.stderr)
+    );
+    // Already read (by curl and poplib above), so in cur/ rather than new/.
+    let files: Vec<_> = ["INBOX/new", "INBOX/cur"]
+        .iter()
+        .flat_map(|d| {
+            std::fs::read_dir(maildir.join(d))
+                .map(|d| d.flatten().collect::<Vec<_>>())
+                .unwrap_or_default()
+        })
+        .collect();
+    assert_eq!(
+        files.len(),
+        1,
+        "mbsync fetched the one message: {} {}",
+        String::from_utf8_lossy(&sync.stdout),
+        String::from_utf8_lossy(&sync.stderr)
+    );
+    let fetched = std::fs::read_to_string(files[0].path()).expect("maildir file");
+    assert!(
+        fetched.contains("read me over IMAP and POP3") && fetched.contains("<edge-1@a.example>")
+    );
+
     // Plain-text logins are refused before STARTTLS/STLS.
     let out = Command::new("curl")
         .args([
