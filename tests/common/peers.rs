@@ -712,6 +712,22 @@ impl Gpgsm {
     /// Imports certificate + private key via a PKCS#12 file made the only way
     /// gpgsm 2.2 accepts (`-certpbe NONE -keypbe PBE-SHA1-3DES -macalg sha1`).
     pub fn import_identity(&self, cert_pem: &Path, key_pem: &Path) -> Result<(), String> {
+        // gpgsm 2.2's PKCS#12 reader now and then fails to decrypt a file
+        // that openssl wrote with the right passphrase ("error parsing or
+        // decrypting the PKCS#12 file"; seen once in about thirty runs): a
+        // fresh export (new salt and IV) imports. Any other error is final.
+        let mut last = String::new();
+        for _ in 0..3 {
+            match self.import_identity_once(cert_pem, key_pem) {
+                Ok(()) => return Ok(()),
+                Err(e) if e.contains("error parsing or decrypting the PKCS#12") => last = e,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last)
+    }
+
+    fn import_identity_once(&self, cert_pem: &Path, key_pem: &Path) -> Result<(), String> {
         let dir = self.scratch()?;
         let p12 = dir.path().join("identity.p12");
         let mut export = openssl();
