@@ -2,6 +2,7 @@
 
 pub mod address;
 pub mod agent;
+pub mod anchors;
 pub mod config;
 pub mod demo;
 pub mod discovery;

@@ -60,6 +60,9 @@ enum Command {
     /// Read the built-in mailboxes. Use while the daemon is stopped.
     #[command(subcommand)]
     Mailbox(MailboxCommand),
+    /// Trust anchors of the local domains (files under certs/<domain>/anchors).
+    #[command(subcommand)]
+    Anchors(AnchorsCommand),
     /// Each recipient's timeline of a message we sent (MDNs, DSNs, timeouts).
     /// Use while the daemon is stopped.
     Track {
@@ -86,6 +89,30 @@ enum UsersCommand {
         name: String,
     },
     List,
+}
+
+#[derive(Subcommand)]
+enum AnchorsCommand {
+    /// Subject, fingerprint, validity and source of every anchor.
+    List {
+        #[arg(long)]
+        domain: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add the certificate(s) of FILE (PEM, DER or PKCS#7) as anchors.
+    Add {
+        file: PathBuf,
+        #[arg(long)]
+        domain: String,
+        /// in (trust senders), out (trust recipients) or both.
+        #[arg(long, default_value = "both")]
+        direction: String,
+    },
+    /// Remove an anchor (SHA-256 fingerprint, or at least 8 leading hex digits).
+    Remove { fingerprint: String },
+    /// Details of one anchor.
+    Show { fingerprint: String },
 }
 
 #[derive(Subcommand)]
@@ -593,6 +620,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Users(cmd) => users_command(config, cmd),
         Command::Queue(cmd) => queue_command(config, cmd),
         Command::Mailbox(cmd) => mailbox_command(config, cmd),
+        Command::Anchors(cmd) => anchors_command(config, cmd),
         Command::Track { message_id, json } => {
             let store = open_store(config)?;
             let id = if message_id.starts_with('<') {
@@ -758,6 +786,85 @@ fn users_command(config: Option<&Path>, cmd: UsersCommand) -> Result<ExitCode> {
                     u.name,
                     u.addresses.join(", "),
                     u.created
+                );
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn anchors_command(config: Option<&Path>, cmd: AnchorsCommand) -> Result<ExitCode> {
+    use hispd::anchors;
+    let settings = settings(config)?;
+    if settings.domains.is_empty() {
+        bail!("no local domains are configured: give --config with [[domains]]");
+    }
+    let domains = settings.domains.clone();
+    let reload_hint = "a running daemon picks this up within seconds (or at once on SIGHUP)";
+    match cmd {
+        AnchorsCommand::List { domain, json } => {
+            let mut entries: Vec<_> = anchors::list(&domains)
+                .into_iter()
+                .map(|(e, _)| e)
+                .collect();
+            if let Some(d) = &domain {
+                entries.retain(|e| e.domain.eq_ignore_ascii_case(d));
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&entries)?);
+            } else {
+                for e in entries {
+                    println!(
+                        "{}  {:<8}  {}\n    {}  valid {} .. {}\n    from {}",
+                        e.domain,
+                        e.direction,
+                        e.certificate.subject,
+                        e.certificate.fingerprint,
+                        e.certificate.not_before,
+                        e.certificate.not_after,
+                        e.source
+                    );
+                }
+            }
+        }
+        AnchorsCommand::Add {
+            file,
+            domain,
+            direction,
+        } => {
+            for path in anchors::add(&domains, &file, &domain, &direction)? {
+                println!("added {}", path.display());
+            }
+            println!("{reload_hint}");
+        }
+        AnchorsCommand::Remove { fingerprint } => {
+            for path in anchors::remove(&domains, &fingerprint)? {
+                println!("removed from {}", path.display());
+            }
+            println!("{reload_hint}");
+        }
+        AnchorsCommand::Show { fingerprint } => {
+            for (e, path) in anchors::find(&domains, &fingerprint)? {
+                let certs = trust::read_certificates(&path)?;
+                let Some(cert) = certs
+                    .iter()
+                    .find(|c| trust::fingerprint(c) == e.certificate.fingerprint)
+                else {
+                    continue;
+                };
+                let (emails, dns) = trust::san_names(cert);
+                println!(
+                    "{} ({}) in {}\n  subject  {}\n  issuer   {}\n  sha256   {}\n  valid    {} .. {}\n  CA       {}\n  SAN      {}",
+                    e.domain,
+                    e.direction,
+                    path.display(),
+                    e.certificate.subject,
+                    e.certificate.issuer,
+                    e.certificate.fingerprint,
+                    e.certificate.not_before,
+                    e.certificate.not_after,
+                    hispd::smime::ffi::is_ca(cert),
+                    emails.iter().chain(dns.iter()).cloned().collect::<Vec<_>>().join(", ")
                 );
             }
         }

@@ -59,6 +59,8 @@ pub struct Hub {
     pub(crate) users: Users,
     pub(crate) wake: Notify,
     pub(crate) changes: tokio::sync::broadcast::Sender<String>,
+    /// The configuration file, for reloads.
+    pub(crate) config_path: Option<std::path::PathBuf>,
     pub(crate) edge_relays: HashMap<String, String>,
     pub(crate) per_ip: Mutex<HashMap<IpAddr, usize>>,
 }
@@ -822,6 +824,7 @@ impl Daemon {
             edge_relays,
             per_ip: Mutex::new(HashMap::new()),
             changes: tokio::sync::broadcast::channel(256).0,
+            config_path: config_file.map(Path::to_path_buf),
             settings,
         });
         Ok(Daemon {
@@ -848,6 +851,21 @@ impl Daemon {
     /// Accepts connections and runs the queue until `shutdown` resolves.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let worker = tokio::spawn(crate::queue::Worker::new(self.hub.clone()).run());
+        // Anchor and key directories are watched: a change reloads them.
+        let watched = self.hub.clone();
+        let watcher = tokio::spawn(async move {
+            let signature = || crate::anchors::directory_signature(&watched.settings.domains);
+            let mut last = signature();
+            loop {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                let now = signature();
+                if now != last {
+                    tracing::info!("anchor or key files changed on disk: reloading");
+                    watched.reload(watched.config_path.as_deref());
+                    last = now;
+                }
+            }
+        });
         let connections = Arc::new(tokio::sync::Semaphore::new(
             self.hub.settings.server.max_connections,
         ));
@@ -890,6 +908,7 @@ impl Daemon {
         let max = self.hub.settings.server.max_connections as u32;
         let _ = tokio::time::timeout(Duration::from_secs(30), connections.acquire_many(max)).await;
         worker.abort();
+        watcher.abort();
         let _ = self.hub.store.db().flush();
     }
 }

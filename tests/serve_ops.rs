@@ -171,3 +171,131 @@ fn sighup_reloads_anchors_without_a_restart() {
     );
     drop(net.bind.take());
 }
+
+#[test]
+fn anchors_managed_with_the_cli_are_picked_up_by_the_running_daemon() {
+    let mut net = Net::new(|b| b.mx_port);
+    let listed = net.b.cli(&["anchors", "list", "--json"], b"");
+    assert!(
+        listed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&listed.stderr)
+    );
+    let anchors: serde_json::Value = serde_json::from_slice(&listed.stdout).expect("json");
+    let a_ca = anchors
+        .as_array()
+        .expect("list")
+        .iter()
+        .find(|e| {
+            e["subject"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("a.example CA")
+        })
+        .expect("A's CA is an anchor of B")
+        .clone();
+    assert_eq!(a_ca["direction"], "both");
+    let fp = a_ca["fingerprint"]
+        .as_str()
+        .expect("fingerprint")
+        .to_string();
+    let shown = net.b.cli(&["anchors", "show", &fp[..12]], b"");
+    assert!(
+        String::from_utf8_lossy(&shown.stdout).contains("CA       true"),
+        "{}",
+        String::from_utf8_lossy(&shown.stdout)
+    );
+
+    // B keeps one unrelated anchor (a domain with none at all is a
+    // configuration problem, and such a reload is refused).
+    let own = net.b.dir.join("certs/b.example/private/cert.pem");
+    let out = net.b.cli(
+        &[
+            "anchors",
+            "add",
+            &own.display().to_string(),
+            "--domain",
+            "b.example",
+            "--direction",
+            "out",
+        ],
+        b"",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Removed with the CLI, no signal: B notices the change on disk.
+    let out = net.b.cli(&["anchors", "remove", &fp], b"");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        net.b.wait_log(Duration::from_secs(20), |l| l
+            .contains("anchor or key files changed")),
+        "{}",
+        net.b.log_text()
+    );
+    assert!(
+        net.b
+            .wait_log(Duration::from_secs(20), |l| l.contains("reloaded")),
+        "{}",
+        net.b.log_text()
+    );
+    let results = submit(
+        net.a.submission_port,
+        &serde_json::json!([message(&[BOB], "cli-1", "refused")]),
+    );
+    assert_eq!(results[0]["ok"], true);
+    assert!(
+        net.b
+            .wait_log(Duration::from_secs(30), |l| l.contains("incoming-refused")
+                && l.contains("signer-trust")),
+        "{}",
+        net.b.log_text()
+    );
+
+    // Added back for incoming only: delivered again.
+    let ca_file = net.root.path().join("ca-a.example/cert.pem");
+    let out = net.b.cli(
+        &[
+            "anchors",
+            "add",
+            &ca_file.display().to_string(),
+            "--domain",
+            "b.example",
+            "--direction",
+            "in",
+        ],
+        b"",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        net.b.wait_log(Duration::from_secs(20), |l| l
+            .matches("anchor or key files changed")
+            .count()
+            >= 2),
+        "{}",
+        net.b.log_text()
+    );
+    let results = submit(
+        net.a.submission_port,
+        &serde_json::json!([message(&[BOB], "cli-2", "accepted")]),
+    );
+    assert_eq!(results[0]["ok"], true);
+    assert!(
+        net.b
+            .wait_log(Duration::from_secs(30), |l| l.contains("cli-2@a.example")
+                && l.contains("delivered")),
+        "{}",
+        net.b.log_text()
+    );
+    drop(net.bind.take());
+}
