@@ -49,6 +49,53 @@ struct RawSettings {
     discovery: RawDiscovery,
     #[serde(default)]
     domains: Vec<RawDomain>,
+    #[serde(default)]
+    bundles: Vec<RawBundle>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBundle {
+    name: String,
+    url: String,
+    #[serde(default = "default_refresh")]
+    refresh_secs: u64,
+    #[serde(default)]
+    domains: Vec<String>,
+    #[serde(default = "default_direction")]
+    direction: String,
+    signer: Option<String>,
+    #[serde(default)]
+    allow_expired_signer: bool,
+    #[serde(default = "default_bundle_bytes")]
+    max_bytes: usize,
+}
+
+fn default_refresh() -> u64 {
+    86400
+}
+
+fn default_direction() -> String {
+    "both".into()
+}
+
+fn default_bundle_bytes() -> usize {
+    5 * 1024 * 1024
+}
+
+/// A trust bundle subscription.
+#[derive(Debug, Clone)]
+pub struct BundleConfig {
+    pub name: String,
+    pub url: String,
+    pub refresh: Duration,
+    /// Local domains it applies to (empty: all).
+    pub domains: Vec<String>,
+    pub incoming: bool,
+    pub outgoing: bool,
+    pub signer: Option<PathBuf>,
+    pub allow_expired_signer: bool,
+    pub max_bytes: usize,
 }
 
 #[derive(Debug, Deserialize)]
@@ -151,6 +198,7 @@ struct RawSmime {
 struct RawPolicy {
     min_rsa_bits: u32,
     require_rcpt_in_headers: bool,
+    crl_policy: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -201,6 +249,8 @@ pub enum PrivateSource {
 /// Validated settings.
 #[derive(Debug, Clone)]
 pub struct Settings {
+    pub bundles: Vec<BundleConfig>,
+    pub crl_policy: crate::trust::revocation::CrlPolicy,
     pub server: ServerConfig,
     pub delivery: DeliveryConfig,
     pub agent: AgentSettings,
@@ -544,8 +594,83 @@ impl Settings {
             max_age: Duration::from_secs(dl.max_age_secs),
             connect_timeout: Duration::from_secs(dl.connect_timeout_secs.max(1)),
         };
+        let mut bundles: Vec<BundleConfig> = Vec::new();
+        for (i, b) in raw.bundles.iter().enumerate() {
+            let key = |k: &str| format!("bundles[{i}].{k}");
+            if b.name.is_empty()
+                || !b
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                problems.push(problem(
+                    &key("name"),
+                    format!("{:?}: use letters, digits, '-' and '_'", b.name),
+                ));
+                continue;
+            }
+            if bundles.iter().any(|x| x.name == b.name) {
+                problems.push(problem(
+                    &key("name"),
+                    format!("{} is configured twice", b.name),
+                ));
+                continue;
+            }
+            let lower = b.url.to_ascii_lowercase();
+            if !(lower.starts_with("http://")
+                || lower.starts_with("https://")
+                || lower.starts_with("file://")
+                || b.url.starts_with('/'))
+            {
+                problems.push(problem(
+                    &key("url"),
+                    format!(
+                        "{:?}: use https://, http://, file:// or an absolute path",
+                        b.url
+                    ),
+                ));
+            }
+            let (incoming, outgoing) = match b.direction.as_str() {
+                "in" | "incoming" => (true, false),
+                "out" | "outgoing" => (false, true),
+                "both" => (true, true),
+                other => {
+                    problems.push(problem(
+                        &key("direction"),
+                        format!("{other:?}: use in, out or both"),
+                    ));
+                    (true, true)
+                }
+            };
+            let signer = b.signer.as_deref().map(resolve);
+            if let Some(s) = &signer {
+                if !s.is_file() {
+                    problems.push(problem(
+                        &key("signer"),
+                        format!("{} does not exist", s.display()),
+                    ));
+                }
+            }
+            bundles.push(BundleConfig {
+                name: b.name.clone(),
+                url: b.url.clone(),
+                refresh: Duration::from_secs(b.refresh_secs.max(1)),
+                domains: b.domains.iter().map(|d| d.to_ascii_lowercase()).collect(),
+                incoming,
+                outgoing,
+                signer,
+                allow_expired_signer: b.allow_expired_signer,
+                max_bytes: b.max_bytes,
+            });
+        }
+        let crl_policy = raw.policy.crl_policy.parse().unwrap_or_else(|e: String| {
+            problems.push(problem("policy.crl_policy", e));
+            crate::trust::revocation::CrlPolicy::SoftFail
+        });
         let defaults = AgentSettings::default();
         let settings = Settings {
+            bundles,
+            crl_policy,
             server,
             delivery,
             agent: AgentSettings {
@@ -601,13 +726,90 @@ impl Settings {
         let public = CertificateSet::load_dir(&self.public_dir)
             .map_err(|e| problem("discovery.public_dir", e.to_string()))?;
         Discovery::new(self.discovery.clone(), local, public)
+            .map(|d| {
+                d.with_revocation(crate::trust::revocation::RevocationChecker::new(
+                    self.discovery.http,
+                    self.crl_policy,
+                ))
+            })
             .map_err(|e| problem("discovery.nameservers", e.to_string()))
+    }
+
+    /// Where the last good copies of trust bundles are kept.
+    pub fn bundle_dir(&self) -> PathBuf {
+        self.server.data_dir.join("bundles")
+    }
+
+    /// The bundle source of a subscription (its signer read from disk).
+    pub fn bundle_source(
+        &self,
+        b: &BundleConfig,
+    ) -> Result<crate::trust::bundle::BundleSource, ConfigProblem> {
+        let signer = match &b.signer {
+            Some(path) => {
+                let certs = crate::trust::read_certificates(path).map_err(|e| ConfigProblem {
+                    key: format!("bundles.{}.signer", b.name),
+                    source: self.source.clone(),
+                    message: e.to_string(),
+                })?;
+                certs.into_iter().next()
+            }
+            None => None,
+        };
+        let mut source = crate::trust::bundle::BundleSource::new(&b.name, &b.url);
+        source.signer = signer;
+        source.allow_expired_signer = b.allow_expired_signer;
+        source.max_bytes = b.max_bytes;
+        source.timeout = self.discovery.http.timeout;
+        Ok(source)
+    }
+
+    /// Anchors of the last good copy of each bundle, per domain and direction.
+    fn bundle_anchors(
+        &self,
+        problems: &mut Vec<ConfigProblem>,
+    ) -> Vec<(BundleConfig, Vec<openssl::x509::X509>)> {
+        let mut out = Vec::new();
+        if self.bundles.is_empty() {
+            return out;
+        }
+        let cache = match crate::trust::bundle::BundleCache::new(&self.bundle_dir()) {
+            Ok(c) => c,
+            Err(e) => {
+                problems.push(ConfigProblem {
+                    key: "bundles".into(),
+                    source: self.source.clone(),
+                    message: e.to_string(),
+                });
+                return out;
+            }
+        };
+        for b in &self.bundles {
+            let source = match self.bundle_source(b) {
+                Ok(s) => s,
+                Err(p) => {
+                    problems.push(p);
+                    continue;
+                }
+            };
+            match cache.load(&source, crate::agent::now()) {
+                Ok(Some(loaded)) => out.push((b.clone(), loaded.certs)),
+                Ok(None) => {
+                    tracing::warn!(bundle = %b.name, "trust bundle not fetched yet: no anchors from it")
+                }
+                Err(e) => {
+                    tracing::warn!(bundle = %b.name, "last copy of the trust bundle unusable: {e}")
+                }
+            }
+        }
+        out
     }
 
     /// Loads every domain's keys and anchors, reporting all problems together.
     pub fn build_agent(&self) -> Result<Agent, ConfigErrors> {
         let mut agent = Agent::new(self.agent.clone());
         let mut problems = Vec::new();
+        let from_bundles = self.bundle_anchors(&mut problems);
         for (i, d) in self.domains.iter().enumerate() {
             let problem = |key: String, message: String| ConfigProblem {
                 key,
@@ -665,8 +867,21 @@ impl Settings {
                 }
                 set
             };
-            let incoming_anchors = load_anchors(&d.incoming_anchors, "incoming_anchors");
-            let outgoing_anchors = load_anchors(&d.outgoing_anchors, "outgoing_anchors");
+            let mut incoming_anchors = load_anchors(&d.incoming_anchors, "incoming_anchors");
+            let mut outgoing_anchors = load_anchors(&d.outgoing_anchors, "outgoing_anchors");
+            for (b, certs) in &from_bundles {
+                if !b.domains.is_empty() && !b.domains.contains(&d.name) {
+                    continue;
+                }
+                let set =
+                    AnchorSet::from_certs(certs.clone(), Path::new(&format!("bundle {}", b.name)));
+                if b.incoming {
+                    incoming_anchors.extend(&set);
+                }
+                if b.outgoing {
+                    outgoing_anchors.extend(&set);
+                }
+            }
             if incoming_anchors.is_empty() && outgoing_anchors.is_empty() {
                 problems.push(problem(
                     format!("domains[{i}]"),

@@ -60,6 +60,9 @@ enum Command {
     /// Read the built-in mailboxes. Use while the daemon is stopped.
     #[command(subcommand)]
     Mailbox(MailboxCommand),
+    /// Trust bundles: the configured subscriptions and their last good copies.
+    #[command(subcommand)]
+    Bundles(BundlesCommand),
     /// Trust anchors of the local domains (files under certs/<domain>/anchors).
     #[command(subcommand)]
     Anchors(AnchorsCommand),
@@ -89,6 +92,16 @@ enum UsersCommand {
         name: String,
     },
     List,
+}
+
+#[derive(Subcommand)]
+enum BundlesCommand {
+    /// Each bundle: URL, last fetch, digest, anchors.
+    List,
+    /// Fetch now (all, or NAME); a running daemon picks up a new version.
+    Refresh { name: Option<String> },
+    /// One bundle's metadata and anchors.
+    Show { name: String },
 }
 
 #[derive(Subcommand)]
@@ -621,6 +634,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Queue(cmd) => queue_command(config, cmd),
         Command::Mailbox(cmd) => mailbox_command(config, cmd),
         Command::Anchors(cmd) => anchors_command(config, cmd),
+        Command::Bundles(cmd) => bundles_command(config, cmd),
         Command::Track { message_id, json } => {
             let store = open_store(config)?;
             let id = if message_id.starts_with('<') {
@@ -793,6 +807,108 @@ fn users_command(config: Option<&Path>, cmd: UsersCommand) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+fn bundles_command(config: Option<&Path>, cmd: BundlesCommand) -> Result<ExitCode> {
+    use hispd::trust::bundle::{BundleCache, RefreshOutcome};
+    let settings = settings(config)?;
+    if settings.bundles.is_empty() {
+        bail!("no trust bundles are configured ([[bundles]] in the configuration)");
+    }
+    let cache = BundleCache::new(&settings.bundle_dir())?;
+    let when = |t: i64| {
+        chrono::DateTime::from_timestamp(t, 0)
+            .map(|d| d.to_rfc3339())
+            .unwrap_or_default()
+    };
+    let find = |name: &str| {
+        settings
+            .bundles
+            .iter()
+            .find(|b| b.name == name)
+            .ok_or_else(|| anyhow::anyhow!("no bundle named {name:?} is configured"))
+    };
+    match cmd {
+        BundlesCommand::List => {
+            for b in &settings.bundles {
+                match cache.metadata(&b.name) {
+                    Some(m) => println!(
+                        "{}\t{}\t{} anchor(s)\tfetched {}\tsha256 {}{}",
+                        b.name,
+                        b.url,
+                        m.anchors,
+                        when(m.fetched_at),
+                        &m.sha256[..16.min(m.sha256.len())],
+                        if m.signed && !m.signature_verified {
+                            "\tSIGNATURE NOT VERIFIED (no signer configured)"
+                        } else {
+                            ""
+                        }
+                    ),
+                    None => println!("{}\t{}\tnot fetched yet", b.name, b.url),
+                }
+            }
+        }
+        BundlesCommand::Refresh { name } => {
+            let targets: Vec<_> = match &name {
+                Some(n) => vec![find(n)?.clone()],
+                None => settings.bundles.clone(),
+            };
+            let mut failed = false;
+            for b in targets {
+                let source = settings
+                    .bundle_source(&b)
+                    .map_err(|p| anyhow::anyhow!("{}: {}", p.key, p.message))?;
+                match runtime()?.block_on(cache.refresh(&source, agent::now())) {
+                    Ok(RefreshOutcome::Updated { anchors }) => {
+                        println!("{}: updated, {anchors} anchor(s)", b.name)
+                    }
+                    Ok(RefreshOutcome::Unchanged) => println!("{}: unchanged", b.name),
+                    Err(e) => {
+                        eprintln!("hispd: {}: {e} (the previous anchors stay trusted)", b.name);
+                        failed = true;
+                    }
+                }
+            }
+            if failed {
+                return Ok(ExitCode::from(1));
+            }
+        }
+        BundlesCommand::Show { name } => {
+            let b = find(&name)?;
+            let source = settings
+                .bundle_source(b)
+                .map_err(|p| anyhow::anyhow!("{}: {}", p.key, p.message))?;
+            match cache.load(&source, agent::now())? {
+                Some(loaded) => {
+                    println!(
+                        "{} from {}\n  fetched {}, sha256 {}\n  signed: {}, signature verified: {}\n  applies to: {} ({})",
+                        b.name,
+                        b.url,
+                        when(loaded.meta.fetched_at),
+                        loaded.meta.sha256,
+                        loaded.meta.signed,
+                        loaded.meta.signature_verified,
+                        if b.domains.is_empty() { "every local domain".to_string() } else { b.domains.join(", ") },
+                        match (b.incoming, b.outgoing) {
+                            (true, true) => "both directions",
+                            (true, false) => "incoming",
+                            _ => "outgoing",
+                        }
+                    );
+                    for c in &loaded.certs {
+                        let s = trust::CertSummary::of(c);
+                        println!(
+                            "  {}\n    {}  valid {} .. {}",
+                            s.subject, s.fingerprint, s.not_before, s.not_after
+                        );
+                    }
+                }
+                None => println!("{name}: not fetched yet (hispd bundles refresh {name})"),
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn anchors_command(config: Option<&Path>, cmd: AnchorsCommand) -> Result<ExitCode> {
     use hispd::anchors;
     let settings = settings(config)?;
@@ -807,6 +923,35 @@ fn anchors_command(config: Option<&Path>, cmd: AnchorsCommand) -> Result<ExitCod
                 .into_iter()
                 .map(|(e, _)| e)
                 .collect();
+            // Anchors that come from the last good copy of each trust bundle.
+            if let Ok(cache) = hispd::trust::bundle::BundleCache::new(&settings.bundle_dir()) {
+                for b in &settings.bundles {
+                    let Ok(source) = settings.bundle_source(b) else {
+                        continue;
+                    };
+                    let Ok(Some(loaded)) = cache.load(&source, agent::now()) else {
+                        continue;
+                    };
+                    let direction = match (b.incoming, b.outgoing) {
+                        (true, true) => "both",
+                        (true, false) => "incoming",
+                        _ => "outgoing",
+                    };
+                    for d in domains
+                        .iter()
+                        .filter(|d| b.domains.is_empty() || b.domains.contains(&d.name))
+                    {
+                        for c in &loaded.certs {
+                            entries.push(anchors::AnchorEntry {
+                                domain: d.name.clone(),
+                                direction: direction.into(),
+                                source: format!("bundle {}", b.name),
+                                certificate: trust::CertSummary::of(c),
+                            });
+                        }
+                    }
+                }
+            }
             if let Some(d) = &domain {
                 entries.retain(|e| e.domain.eq_ignore_ascii_case(d));
             }

@@ -61,6 +61,8 @@ pub struct Hub {
     pub(crate) changes: tokio::sync::broadcast::Sender<String>,
     /// The configuration file, for reloads.
     pub(crate) config_path: Option<std::path::PathBuf>,
+    /// CRLs and AIA for signers on receipt (cached across messages).
+    pub(crate) revocation: crate::trust::revocation::RevocationChecker,
     pub(crate) edge_relays: HashMap<String, String>,
     pub(crate) per_ip: Mutex<HashMap<IpAddr, usize>>,
 }
@@ -173,6 +175,17 @@ impl Hub {
             };
             match agent.open_for_domain(local, request) {
                 Ok(opened) => {
+                    if let Err(reason) = self
+                        .signer_not_revoked(&opened, &local.incoming_anchors)
+                        .await
+                    {
+                        audit("incoming-refused", &format!("[signer-revoked] {reason}"));
+                        return Reply::new(
+                            554,
+                            "5.7.1",
+                            format!("refused [signer-revoked]: {reason}"),
+                        );
+                    }
                     audit(
                         "incoming-trusted",
                         &format!(
@@ -288,6 +301,35 @@ impl Hub {
             }
         }
         Reply::new(250, "2.0.0", "message accepted")
+    }
+
+    /// Revocation of the accepted signer's chain (CRLs from the distribution
+    /// points, missing intermediates through AIA). Soft-fail by default.
+    async fn signer_not_revoked(
+        &self,
+        opened: &agent::Opened,
+        anchors: &crate::trust::AnchorSet,
+    ) -> Result<(), String> {
+        use crate::trust::revocation;
+        let leaf = &opened.signer_certificate;
+        let (extra, _) = self
+            .revocation
+            .complete_chain(leaf, &opened.carried, anchors)
+            .await;
+        let mut untrusted = opened.carried.clone();
+        untrusted.extend(extra);
+        let Some(chain) = revocation::path_to_anchor(leaf, &untrusted, anchors) else {
+            return Ok(());
+        };
+        let outcome = self
+            .revocation
+            .check_crls(&chain)
+            .await
+            .map_err(|e| e.to_string())?;
+        for w in &outcome.warnings {
+            tracing::warn!("revocation of the signer not checked: {w}");
+        }
+        revocation::check_revoked(&chain, &outcome.crls, Self::now()).map_err(|e| e.to_string())
     }
 
     /// An MDN or DSN for a message we sent: update the tracking, and pass
@@ -825,6 +867,10 @@ impl Daemon {
             per_ip: Mutex::new(HashMap::new()),
             changes: tokio::sync::broadcast::channel(256).0,
             config_path: config_file.map(Path::to_path_buf),
+            revocation: crate::trust::revocation::RevocationChecker::new(
+                settings.discovery.http,
+                settings.crl_policy,
+            ),
             settings,
         });
         Ok(Daemon {
@@ -851,10 +897,57 @@ impl Daemon {
     /// Accepts connections and runs the queue until `shutdown` resolves.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let worker = tokio::spawn(crate::queue::Worker::new(self.hub.clone()).run());
+        // Trust bundles: fetched now and at each refresh interval; a new
+        // version reloads the anchors.
+        let mut bundle_tasks = Vec::new();
+        for b in self.hub.settings.bundles.clone() {
+            let hub = self.hub.clone();
+            bundle_tasks.push(tokio::spawn(async move {
+                let cache = match crate::trust::bundle::BundleCache::new(&hub.settings.bundle_dir()) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::error!(bundle = %b.name, "{e}");
+                        return;
+                    }
+                };
+                loop {
+                    match hub.settings.bundle_source(&b) {
+                        Ok(source) => match cache.refresh(&source, Hub::now()).await {
+                            Ok(crate::trust::bundle::RefreshOutcome::Updated { anchors }) => {
+                                audit("bundle-updated", &format!("{}: {anchors} anchor(s)", b.name));
+                                hub.reload(hub.config_path.as_deref());
+                            }
+                            Ok(crate::trust::bundle::RefreshOutcome::Unchanged) => {
+                                tracing::debug!(bundle = %b.name, "trust bundle unchanged")
+                            }
+                            Err(e) => tracing::warn!(bundle = %b.name, "refresh failed, keeping the previous anchors: {e}"),
+                        },
+                        Err(p) => tracing::error!(bundle = %b.name, "{}", p.message),
+                    }
+                    tokio::time::sleep(b.refresh).await;
+                }
+            }));
+        }
         // Anchor and key directories are watched: a change reloads them.
         let watched = self.hub.clone();
         let watcher = tokio::spawn(async move {
-            let signature = || crate::anchors::directory_signature(&watched.settings.domains);
+            let bundle_dir = watched.settings.bundle_dir();
+            let signature = || {
+                let mut sig = crate::anchors::directory_signature(&watched.settings.domains);
+                // `hispd bundles refresh` run beside the daemon writes here.
+                if let Ok(entries) = std::fs::read_dir(&bundle_dir) {
+                    let mut names: Vec<String> = entries
+                        .flatten()
+                        .filter_map(|e| {
+                            let m = e.metadata().ok()?.modified().ok()?;
+                            Some(format!("{}|{:?}", e.path().display(), m))
+                        })
+                        .collect();
+                    names.sort();
+                    sig.push_str(&names.join("\n"));
+                }
+                sig
+            };
             let mut last = signature();
             loop {
                 tokio::time::sleep(Duration::from_secs(2)).await;
@@ -909,6 +1002,9 @@ impl Daemon {
         let _ = tokio::time::timeout(Duration::from_secs(30), connections.acquire_many(max)).await;
         worker.abort();
         watcher.abort();
+        for t in &bundle_tasks {
+            t.abort();
+        }
         let _ = self.hub.store.db().flush();
     }
 }

@@ -48,6 +48,10 @@ pub struct Opened {
     /// The protected message, unwrapped (what the recipient reads).
     pub message: Vec<u8>,
     pub report: OpenReport,
+    /// The accepted signer's certificate and the certificates the signature
+    /// carried (for revocation checks, which need the network).
+    pub signer_certificate: openssl::x509::X509,
+    pub carried: Vec<openssl::x509::X509>,
 }
 
 fn addresses(list: Option<&mail_parser::Address<'_>>) -> Vec<DirectAddress> {
@@ -248,7 +252,7 @@ impl Agent {
             })();
             match result {
                 Ok(r) => {
-                    accepted = Some(r);
+                    accepted = Some((r, s.cert.clone()));
                     break;
                 }
                 Err(e) => {
@@ -260,7 +264,7 @@ impl Agent {
                 }
             }
         }
-        let signer = match (accepted, first_error) {
+        let (signer, signer_certificate) = match (accepted, first_error) {
             (Some(s), Some(e)) => {
                 warnings.push(format!("a signer was not accepted: {e}"));
                 s
@@ -315,6 +319,8 @@ impl Agent {
         Ok(Opened {
             message: inner,
             report,
+            signer_certificate,
+            carried,
         })
     }
 }

@@ -16,10 +16,12 @@ pub use local::CertificateSet;
 
 use crate::address::DirectAddress;
 use crate::http::FetchLimits;
+use crate::trust::revocation::{self, CrlPolicy, RevocationChecker};
 use crate::trust::{self, AnchorSet, Binding, Direction, KeyUse, TrustError};
-use openssl::x509::X509;
+use openssl::x509::{X509Crl, X509};
 use serde::Serialize;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
@@ -202,21 +204,72 @@ fn san_list(cert: &X509) -> Vec<String> {
         .collect()
 }
 
-/// Judges one candidate for `address`.
+/// What the network gave for judging one candidate beyond the candidate
+/// itself: intermediates fetched through AIA, CRLs of its path, and the CRLs
+/// that could not be had (soft-fail).
+#[derive(Default)]
+pub struct PathMaterial {
+    pub intermediates: Vec<X509>,
+    pub crls: Vec<X509Crl>,
+    /// One entry per certificate whose revocation could not be checked.
+    pub unchecked: Vec<String>,
+}
+
+/// Judges one candidate for `address` (no AIA intermediates, no CRLs).
 pub fn evaluate(
     cert: &X509,
     address: &DirectAddress,
     ctx: &TrustContext,
 ) -> Result<(Bound, String), TrustError> {
+    evaluate_with(cert, address, ctx, &PathMaterial::default())
+}
+
+/// The checks that need no network: binding, dates, key usage and key.
+fn policy_checks(
+    cert: &X509,
+    address: &DirectAddress,
+    ctx: &TrustContext,
+) -> Result<Binding, TrustError> {
     let binding = trust::check_binding(cert, address, true)?;
     trust::check_validity(cert, ctx.at)?;
     trust::check_key_usage(cert, KeyUse::Encrypt)?;
     trust::check_key(cert, KeyUse::Encrypt, ctx.min_rsa_bits)?;
+    Ok(binding)
+}
+
+/// Judges one candidate for `address`, with the intermediates and CRLs of
+/// `material` (a revoked certificate on the path refuses it).
+pub fn evaluate_with(
+    cert: &X509,
+    address: &DirectAddress,
+    ctx: &TrustContext,
+    material: &PathMaterial,
+) -> Result<(Bound, String), TrustError> {
+    let binding = policy_checks(cert, address, ctx)?;
     let trust_note = match &ctx.anchors {
         Some(anchors) => {
-            let path =
-                trust::validate(cert, &[], anchors, ctx.at, &ctx.domain, Direction::Outgoing)?;
-            format!("chains to anchor \"{}\"", path.anchor.subject)
+            let path = trust::validate_with_crls(
+                cert,
+                &material.intermediates,
+                anchors,
+                &material.crls,
+                ctx.at,
+                &ctx.domain,
+                Direction::Outgoing,
+            )?;
+            let mut note = format!("chains to anchor \"{}\"", path.anchor.subject);
+            if !material.intermediates.is_empty() {
+                note.push_str(&format!(
+                    " through {} intermediate(s) fetched via AIA",
+                    material.intermediates.len()
+                ));
+            }
+            if !material.unchecked.is_empty() {
+                note.push_str(", revocation NOT checked (CRL unavailable, soft-fail)");
+            } else if !material.crls.is_empty() {
+                note.push_str(", not revoked (CRL checked)");
+            }
+            note
         }
         None => "trust not checked (no anchors given)".to_string(),
     };
@@ -238,6 +291,17 @@ pub struct Discovery {
     dns: Option<DnsSource>,
     ldap: Option<LdapSource>,
     cache: Cache,
+    revocation: Option<Arc<RevocationChecker>>,
+}
+
+/// The network part of judging one candidate, before [`evaluate_with`].
+#[derive(Default)]
+struct Prepared {
+    material: PathMaterial,
+    steps: Vec<Step>,
+    warnings: Vec<String>,
+    /// The CRL could not be had under hard-fail: the candidate is refused.
+    refusal: Option<TrustError>,
 }
 
 impl Discovery {
@@ -262,6 +326,10 @@ impl Discovery {
             .map(|d| LdapSource::new(d.clone(), config.ldap_timeout));
         Ok(Discovery {
             cache: Cache::new(config.positive_ttl, config.negative_ttl),
+            revocation: Some(Arc::new(RevocationChecker::new(
+                config.http,
+                CrlPolicy::SoftFail,
+            ))),
             config,
             local,
             public,
@@ -272,6 +340,90 @@ impl Discovery {
 
     pub fn cache(&self) -> &Cache {
         &self.cache
+    }
+
+    /// Uses `checker` for AIA chain completion and CRLs (by default a
+    /// soft-fail checker with the discovery's HTTP limits).
+    pub fn with_revocation(mut self, checker: RevocationChecker) -> Self {
+        self.revocation = Some(Arc::new(checker));
+        self
+    }
+
+    /// Shares `checker` (and its CRL cache) with other users.
+    pub fn with_shared_revocation(mut self, checker: Arc<RevocationChecker>) -> Self {
+        self.revocation = Some(checker);
+        self
+    }
+
+    /// No AIA fetching and no CRLs: candidates are judged on what the
+    /// sources gave.
+    pub fn without_revocation(mut self) -> Self {
+        self.revocation = None;
+        self
+    }
+
+    pub fn revocation(&self) -> Option<&Arc<RevocationChecker>> {
+        self.revocation.as_ref()
+    }
+
+    /// Completes the candidate's chain through AIA and fetches the CRLs of
+    /// its path, when there are anchors to judge against and the candidate
+    /// passes the checks that need no network.
+    async fn prepare(
+        &self,
+        kind: SourceKind,
+        cert: &X509,
+        address: &DirectAddress,
+        ctx: &TrustContext,
+    ) -> Prepared {
+        let mut p = Prepared::default();
+        let (Some(checker), Some(anchors)) = (&self.revocation, &ctx.anchors) else {
+            return p;
+        };
+        if anchors.is_empty() || policy_checks(cert, address, ctx).is_err() {
+            return p;
+        }
+        let who = trust::subject(cert);
+        let (intermediates, notes) = checker.complete_chain(cert, &[], anchors).await;
+        p.steps.extend(notes.into_iter().map(|n| Step {
+            source: kind,
+            query: format!("issuer of \"{who}\" (AIA)"),
+            result: n,
+        }));
+        p.material.intermediates = intermediates;
+        let Some(path) = revocation::path_to_anchor(cert, &p.material.intermediates, anchors)
+        else {
+            return p;
+        };
+        let query = format!("revocation of \"{who}\" (CRL)");
+        match checker.check_crls(&path).await {
+            Ok(outcome) => {
+                p.steps.extend(outcome.notes.into_iter().map(|n| Step {
+                    source: kind,
+                    query: query.clone(),
+                    result: n,
+                }));
+                for w in outcome.warnings {
+                    p.steps.push(Step {
+                        source: kind,
+                        query: query.clone(),
+                        result: format!("warning: {w}"),
+                    });
+                    p.material.unchecked.push(w.clone());
+                    p.warnings.push(w);
+                }
+                p.material.crls = outcome.crls;
+            }
+            Err(e) => {
+                p.steps.push(Step {
+                    source: kind,
+                    query,
+                    result: format!("refused: {e}"),
+                });
+                p.refusal = Some(e);
+            }
+        }
+        p
     }
 
     /// The DNS side, when DNS or LDAP is enabled (also used for MX lookups).
@@ -363,7 +515,21 @@ impl Discovery {
                 report.temporary_failure |= answer.temporary_failure;
                 let mut usable: Vec<(Found, Bound)> = Vec::new();
                 for found in answer.found {
-                    let verdict = evaluate(&found.cert, address, ctx);
+                    let prepared = self.prepare(kind, &found.cert, address, ctx).await;
+                    report.steps.extend(prepared.steps);
+                    for w in prepared.warnings {
+                        if !report.warnings.contains(&w) {
+                            report.warnings.push(w);
+                        }
+                    }
+                    let verdict = match prepared.refusal {
+                        Some(e) => {
+                            // An unknown revocation status may be known later.
+                            report.temporary_failure = true;
+                            Err(e)
+                        }
+                        None => evaluate_with(&found.cert, address, ctx, &prepared.material),
+                    };
                     let summary = trust::CertSummary::of(&found.cert);
                     let (is_usable, bound, reason) = match verdict {
                         Ok((bound, why)) => (true, Some(bound), why),

@@ -3,6 +3,8 @@
 //! keys, key usage, digests and address binding.
 
 mod anchors;
+pub mod bundle;
+pub mod revocation;
 
 pub use anchors::{parse_certificates, read_certificates, Anchor, AnchorSet};
 
@@ -38,6 +40,12 @@ pub enum TrustError {
     NotYetValid { subject: String, not_before: String },
     #[error("certificate \"{subject}\" is revoked")]
     Revoked { subject: String },
+    #[error("the CRL of certificate \"{subject}\" could not be obtained from {url}: {why} (the CRL policy is hard-fail)")]
+    CrlUnavailable {
+        subject: String,
+        url: String,
+        why: String,
+    },
     #[error("path validation of \"{subject}\" failed: {reason}")]
     PathInvalid { subject: String, reason: String },
     #[error(
@@ -151,6 +159,38 @@ pub fn validate(
     domain: &str,
     direction: Direction,
 ) -> Result<TrustPath, TrustError> {
+    verify_path(leaf, untrusted, anchors, at, domain, direction).map(|(path, _)| path)
+}
+
+/// [`validate`], then revocation: refuses with [`TrustError::Revoked`] when a
+/// certificate of the verified path (not the anchor) is listed in one of
+/// `crls` signed by its issuer (see [`revocation::check_revoked`]).
+/// Certificates without a CRL among `crls` are not refused: whether a missing
+/// CRL matters is decided when fetching ([`revocation::CrlPolicy`]).
+pub fn validate_with_crls(
+    leaf: &X509Ref,
+    untrusted: &[X509],
+    anchors: &AnchorSet,
+    crls: &[openssl::x509::X509Crl],
+    at: i64,
+    domain: &str,
+    direction: Direction,
+) -> Result<TrustPath, TrustError> {
+    let (path, verified) = verify_path(leaf, untrusted, anchors, at, domain, direction)?;
+    revocation::check_revoked(&verified, crls, at)?;
+    Ok(path)
+}
+
+/// Path validation by OpenSSL: the trust path and the verified certificates
+/// (leaf first, anchor last).
+fn verify_path(
+    leaf: &X509Ref,
+    untrusted: &[X509],
+    anchors: &AnchorSet,
+    at: i64,
+    domain: &str,
+    direction: Direction,
+) -> Result<(TrustPath, Vec<X509>), TrustError> {
     if anchors.is_empty() {
         return Err(TrustError::NoAnchors {
             domain: domain.to_string(),
@@ -189,11 +229,12 @@ pub fn validate(
             .find(|a| a.fingerprint() == fp)
             .map(|a| a.source.display().to_string())
             .unwrap_or_default();
-        return Ok(TrustPath {
+        let path = TrustPath {
             chain: verified.iter().map(|c| subject(c)).collect(),
             anchor: CertSummary::of(&anchor_cert),
             anchor_source: source,
-        });
+        };
+        return Ok((path, verified));
     }
     let at_fault = failing.unwrap_or_else(|| leaf.to_owned());
     Err(map_verify_error(

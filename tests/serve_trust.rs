@@ -1,0 +1,197 @@
+//! Trust bundles and revocation in a running daemon: B trusts A only through
+//! a bundle served over HTTP; changing the bundle changes what the running
+//! B trusts after the refresh interval, without a restart.
+
+mod common;
+
+use common::hisp::*;
+use common::servers::free_port;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+struct HttpServer(Child);
+
+impl HttpServer {
+    fn start(dir: &Path, port: u16) -> HttpServer {
+        let child = Command::new("python3")
+            .args([
+                "-m",
+                "http.server",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--directory",
+            ])
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("python3 http.server");
+        for _ in 0..200 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        HttpServer(child)
+    }
+}
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A DER PKCS#7 certs-only bundle of the PEM certificates given.
+fn make_bundle(out: &Path, certs: &[&Path]) {
+    let mut cmd = Command::new("openssl");
+    cmd.args(["crl2pkcs7", "-nocrl", "-outform", "DER", "-out"])
+        .arg(out);
+    for c in certs {
+        cmd.arg("-certfile").arg(c);
+    }
+    assert!(cmd.status().expect("openssl").success());
+}
+
+fn submit_and_wait(net: &Net, id: &str, refused_before: usize) -> bool {
+    let results = submit(
+        net.a.submission_port,
+        &serde_json::json!([message(&[BOB], id, "via the bundle")]),
+    );
+    assert_eq!(results[0]["ok"], true);
+    let needle = format!("{id}@a.example");
+    let delivered = net.b.wait_log(Duration::from_secs(30), |l| {
+        l.lines()
+            .any(|x| x.contains(&needle) && x.contains("\"delivered\""))
+            || l.matches("incoming-refused").count() > refused_before
+    });
+    assert!(delivered, "B decided\n{}", net.b.log_text());
+    net.b
+        .log_text()
+        .lines()
+        .any(|x| x.contains(&needle) && x.contains("\"delivered\""))
+}
+
+#[test]
+fn a_changed_bundle_changes_what_the_running_daemon_trusts() {
+    let mut net = Net::new(|b| b.mx_port);
+    let root = net.root.path().to_path_buf();
+    let served = root.join("served");
+    std::fs::create_dir_all(&served).expect("dir");
+    let rogue = root.join("rogue-ca");
+    let out = Command::new(hispd_bin())
+        .args(["certs", "new-ca", "--out"])
+        .arg(&rogue)
+        .args(["--name", "Some Other CA"])
+        .output()
+        .expect("hispd");
+    assert!(out.status.success());
+    let a_ca = root.join("ca-a.example/cert.pem");
+    let other = rogue.join("cert.pem");
+    make_bundle(&served.join("community.p7b"), &[&other]);
+    let port = free_port();
+    let _http = HttpServer::start(&served, port);
+
+    // B: A's CA only through the bundle (incoming), refreshed every 2 s.
+    net.b.stop();
+    std::fs::remove_file(
+        net.b
+            .dir
+            .join("certs/b.example/anchors/both/a.example-ca.pem"),
+    )
+    .expect("remove file anchor");
+    std::fs::create_dir_all(net.b.dir.join("certs/b.example/anchors/outgoing")).expect("dir");
+    std::fs::copy(
+        &a_ca,
+        net.b.dir.join("certs/b.example/anchors/outgoing/a.pem"),
+    )
+    .expect("outgoing anchor");
+    let mut config = std::fs::read_to_string(&net.b.config).expect("config");
+    config.push_str(&format!(
+        "\n[[bundles]]\nname = \"community\"\nurl = \"http://127.0.0.1:{port}/community.p7b\"\nrefresh_secs = 2\ndirection = \"in\"\n"
+    ));
+    std::fs::write(&net.b.config, config).expect("config");
+    net.b.start();
+    assert!(
+        net.b
+            .wait_log(Duration::from_secs(20), |l| l.contains("bundle-updated")),
+        "{}",
+        net.b.log_text()
+    );
+
+    let listed = net.b.cli(&["bundles", "list"], b"");
+    assert!(
+        String::from_utf8_lossy(&listed.stdout).contains("1 anchor(s)"),
+        "{}",
+        String::from_utf8_lossy(&listed.stdout)
+    );
+    let shown = net.b.cli(&["bundles", "show", "community"], b"");
+    assert!(
+        String::from_utf8_lossy(&shown.stdout).contains("Some Other CA"),
+        "{}",
+        String::from_utf8_lossy(&shown.stdout)
+    );
+    let anchors = net.b.cli(&["anchors", "list", "--json"], b"");
+    let anchors: serde_json::Value = serde_json::from_slice(&anchors.stdout).expect("json");
+    assert!(
+        anchors
+            .as_array()
+            .expect("list")
+            .iter()
+            .any(|e| e["source"] == "bundle community"),
+        "{anchors:#}"
+    );
+
+    // v1 (another CA): A is not trusted.
+    assert!(
+        !submit_and_wait(&net, "bundle-1", 0),
+        "refused while the bundle lacks A's CA"
+    );
+
+    // v2 adds A's CA: trusted after the refresh, same process.
+    make_bundle(&served.join("community.p7b"), &[&other, &a_ca]);
+    assert!(
+        net.b.wait_log(Duration::from_secs(20), |l| l
+            .matches("bundle-updated")
+            .count()
+            >= 2),
+        "{}",
+        net.b.log_text()
+    );
+    assert!(
+        submit_and_wait(&net, "bundle-2", 1),
+        "accepted once the bundle has A's CA"
+    );
+
+    // A broken bundle is refused and the last good anchors stay.
+    std::fs::write(served.join("community.p7b"), b"not a bundle").expect("write");
+    assert!(
+        net.b.wait_log(Duration::from_secs(20), |l| l
+            .contains("refresh failed, keeping the previous anchors")),
+        "{}",
+        net.b.log_text()
+    );
+    assert!(
+        submit_and_wait(&net, "bundle-3", 1),
+        "still trusted with the last good copy"
+    );
+
+    // v3 drops A's CA again: no longer trusted.
+    make_bundle(&served.join("community.p7b"), &[&other]);
+    assert!(
+        net.b.wait_log(Duration::from_secs(20), |l| l
+            .matches("bundle-updated")
+            .count()
+            >= 3),
+        "{}",
+        net.b.log_text()
+    );
+    assert!(
+        !submit_and_wait(&net, "bundle-4", 1),
+        "refused once A's CA left the bundle"
+    );
+    drop(net.bind.take());
+}
