@@ -42,6 +42,7 @@ impl fmt::Display for ConfigErrors {
 struct RawSettings {
     server: RawServer,
     notify: RawNotify,
+    documents: RawDocuments,
     delivery: RawDelivery,
     smime: RawSmime,
     policy: RawPolicy,
@@ -116,6 +117,13 @@ struct RawServer {
     imap_listen: String,
     pop3_listen: String,
     log_format: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDocuments {
+    push_from: String,
+    holder_name: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -249,6 +257,10 @@ pub enum PrivateSource {
 /// Validated settings.
 #[derive(Debug, Clone)]
 pub struct Settings {
+    /// Sender of patient-directed pushes (empty: records@<first domain>).
+    pub push_from: String,
+    /// The data holder's name in pushed messages (empty: the hostname).
+    pub holder_name: String,
     pub bundles: Vec<BundleConfig>,
     pub crl_policy: crate::trust::revocation::CrlPolicy,
     pub server: ServerConfig,
@@ -669,6 +681,8 @@ impl Settings {
         });
         let defaults = AgentSettings::default();
         let settings = Settings {
+            push_from: raw.documents.push_from.trim().to_string(),
+            holder_name: raw.documents.holder_name.trim().to_string(),
             bundles,
             crl_policy,
             server,

@@ -6,6 +6,7 @@ pub mod anchors;
 pub mod config;
 pub mod demo;
 pub mod discovery;
+pub mod documents;
 pub mod edge;
 pub mod http;
 pub mod notify;

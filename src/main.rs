@@ -60,6 +60,18 @@ enum Command {
     /// Read the built-in mailboxes. Use while the daemon is stopped.
     #[command(subcommand)]
     Mailbox(MailboxCommand),
+    /// C-CDA documents: a page for people, or what the document says.
+    #[command(subcommand)]
+    Ccda(CcdaCommand),
+    /// IHE XDM packages (zip).
+    #[command(subcommand)]
+    Xdm(XdmCommand),
+    /// Patients whose records hispd pushes (use while the daemon is stopped).
+    #[command(subcommand)]
+    Patients(PatientsCommand),
+    /// Patient-directed push rules (use while the daemon is stopped).
+    #[command(subcommand)]
+    Push(PushCommand),
     /// Trust bundles: the configured subscriptions and their last good copies.
     #[command(subcommand)]
     Bundles(BundlesCommand),
@@ -92,6 +104,76 @@ enum UsersCommand {
         name: String,
     },
     List,
+}
+
+#[derive(Subcommand)]
+enum CcdaCommand {
+    /// A standalone, script-free HTML page for the document.
+    Render { file: PathBuf },
+    /// Header and sections.
+    Inspect {
+        file: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum XdmCommand {
+    /// Package documents (C-CDA or other files) as an XDM zip.
+    Pack {
+        #[arg(long)]
+        out: PathBuf,
+        /// Intended recipient(s) (Direct addresses).
+        #[arg(long = "to")]
+        to: Vec<String>,
+        files: Vec<PathBuf>,
+    },
+    /// Write a package's documents into DIR.
+    Unpack {
+        file: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// What a package holds.
+    Inspect {
+        file: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum PatientsCommand {
+    /// Add a patient: identifiers as ROOT^EXTENSION, as in the C-CDA recordTarget.
+    Add {
+        id: String,
+        #[arg(long)]
+        name: String,
+        #[arg(long = "identifier", required = true)]
+        identifiers: Vec<String>,
+    },
+    List,
+    Remove {
+        id: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum PushCommand {
+    /// Send each new document of PATIENT to ADDRESS (once: only the next one).
+    Add {
+        #[arg(long)]
+        patient: String,
+        #[arg(long)]
+        to: String,
+        #[arg(long)]
+        once: bool,
+    },
+    List,
+    Revoke {
+        rule: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -635,6 +717,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Mailbox(cmd) => mailbox_command(config, cmd),
         Command::Anchors(cmd) => anchors_command(config, cmd),
         Command::Bundles(cmd) => bundles_command(config, cmd),
+        Command::Ccda(cmd) => ccda_command(cmd),
+        Command::Xdm(cmd) => xdm_command(cmd),
+        Command::Patients(cmd) => patients_command(config, cmd),
+        Command::Push(cmd) => push_command(config, cmd),
         Command::Track { message_id, json } => {
             let store = open_store(config)?;
             let id = if message_id.starts_with('<') {
@@ -802,6 +888,199 @@ fn users_command(config: Option<&Path>, cmd: UsersCommand) -> Result<ExitCode> {
                     u.created
                 );
             }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn read_file(path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("reading {}", path.display()))
+}
+
+fn ccda_command(cmd: CcdaCommand) -> Result<ExitCode> {
+    use hispd::documents::{ccda, render};
+    match cmd {
+        CcdaCommand::Render { file } => {
+            let doc = ccda::parse(&read_file(&file)?, &ccda::Limits::default())
+                .with_context(|| file.display().to_string())?;
+            print!("{}", render::render_html(&doc));
+        }
+        CcdaCommand::Inspect { file, json } => {
+            let doc = ccda::parse(&read_file(&file)?, &ccda::Limits::default())
+                .with_context(|| file.display().to_string())?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&doc)?);
+            } else {
+                println!("{}", doc.title.as_deref().unwrap_or("(no title)"));
+                for p in &doc.patients {
+                    println!(
+                        "  patient {} born {} gender {} ids {}",
+                        p.names.join(" / "),
+                        p.birth_time.as_deref().unwrap_or("?"),
+                        p.gender.as_deref().unwrap_or("?"),
+                        p.ids
+                            .iter()
+                            .filter_map(hispd::documents::index::id_key)
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    );
+                }
+                println!("  authors: {}", doc.authors.join("; "));
+                if let Some(s) = &doc.stylesheet {
+                    println!("  stylesheet (ignored): {s}");
+                }
+                for s in doc.all_sections() {
+                    println!("  section: {}", s.title.as_deref().unwrap_or("(untitled)"));
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn xdm_command(cmd: XdmCommand) -> Result<ExitCode> {
+    use hispd::documents::xdm;
+    match cmd {
+        XdmCommand::Pack { out, to, files } => {
+            if files.is_empty() {
+                bail!("give at least one file to pack");
+            }
+            let mut docs = Vec::new();
+            for f in &files {
+                let data = read_file(f)?;
+                let is_xml = data.trim_ascii_start().starts_with(b"<");
+                docs.push(xdm::PackDocument {
+                    name: f
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default(),
+                    mime_type: if is_xml {
+                        "text/xml".into()
+                    } else {
+                        "application/octet-stream".into()
+                    },
+                    data,
+                    patient_id: None,
+                    unique_id: None,
+                });
+            }
+            let zip = xdm::write(&docs, &to, "hispd")?;
+            std::fs::write(&out, zip).with_context(|| format!("writing {}", out.display()))?;
+            println!("{} document(s) packed into {}", docs.len(), out.display());
+        }
+        XdmCommand::Unpack { file, out } => {
+            for p in xdm::unpack_to(&read_file(&file)?, &out, &xdm::Limits::default())? {
+                println!("{}", p.display());
+            }
+        }
+        XdmCommand::Inspect { file, json } => {
+            let pkg = xdm::read(&read_file(&file)?, &xdm::Limits::default())?;
+            if json {
+                let docs: Vec<_> = pkg
+                    .documents
+                    .iter()
+                    .map(|d| serde_json::json!({"path": d.path, "mime_type": d.mime_type, "unique_id": d.unique_id,
+                        "sha1": d.hash_sha1, "size": d.data.len(), "patient_id": d.patient_id, "verified": d.verified}))
+                    .collect();
+                let v = serde_json::json!({"subsets": pkg.subsets, "documents": docs,
+                    "intended_recipients": pkg.intended_recipients, "warnings": pkg.warnings});
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!("subsets: {}", pkg.subsets.join(", "));
+                for d in &pkg.documents {
+                    println!(
+                        "  {} ({}, {} bytes{})",
+                        d.path,
+                        d.mime_type.as_deref().unwrap_or("?"),
+                        d.data.len(),
+                        if d.verified {
+                            ", hash/size verified"
+                        } else {
+                            ""
+                        }
+                    );
+                }
+                println!(
+                    "intended recipients: {}",
+                    pkg.intended_recipients.join(", ")
+                );
+                for w in &pkg.warnings {
+                    println!("warning: {w}");
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn patients_command(config: Option<&Path>, cmd: PatientsCommand) -> Result<ExitCode> {
+    use hispd::documents::index;
+    let store = open_store(config)?;
+    match cmd {
+        PatientsCommand::Add {
+            id,
+            name,
+            identifiers,
+        } => {
+            index::add_patient(
+                &store,
+                &index::PatientRecord {
+                    id: id.clone(),
+                    name,
+                    identifiers,
+                    password_hash: None,
+                },
+            )?;
+            println!("added patient {id}");
+        }
+        PatientsCommand::List => {
+            for p in index::patients(&store)? {
+                let docs = index::documents_of(&store, &p)?.len();
+                println!(
+                    "{}\t{}\t{}\t{docs} document(s)",
+                    p.id,
+                    p.name,
+                    p.identifiers.join(", ")
+                );
+            }
+        }
+        PatientsCommand::Remove { id } => {
+            index::remove_patient(&store, &id)?;
+            println!("removed patient {id}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn push_command(config: Option<&Path>, cmd: PushCommand) -> Result<ExitCode> {
+    use hispd::documents::index;
+    let store = open_store(config)?;
+    match cmd {
+        PushCommand::Add { patient, to, once } => {
+            DirectAddress::parse(&to)?;
+            let rule = index::add_rule(&store, &patient, &to, once, agent::now())?;
+            println!(
+                "rule {}: new documents of {patient} go to {to}{}",
+                rule.id,
+                if once { " (once)" } else { "" }
+            );
+        }
+        PushCommand::List => {
+            for r in index::rules(&store)? {
+                println!(
+                    "{}\t{}\t-> {}\t{}{}\t{} sent",
+                    r.id,
+                    r.patient,
+                    r.to,
+                    if r.revoked { "revoked" } else { "active" },
+                    if r.once { ", once" } else { "" },
+                    r.sent.len()
+                );
+            }
+        }
+        PushCommand::Revoke { rule } => {
+            index::revoke_rule(&store, &rule)?;
+            println!("rule {rule} revoked: nothing more is sent");
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -284,6 +284,7 @@ impl Hub {
                     }
                 }
             }
+            self.documents_arrived(&opened.message);
             // Security and trust processing succeeded: a processed MDN for
             // each recipient, sealed like any outgoing message.
             if let Some(original_id) = &message_id {
@@ -330,6 +331,98 @@ impl Hub {
             tracing::warn!("revocation of the signer not checked: {w}");
         }
         revocation::check_revoked(&chain, &outcome.crls, Self::now()).map_err(|e| e.to_string())
+    }
+
+    /// Indexes the C-CDA documents a message carries and runs the patients'
+    /// push rules for new ones (Blue Button Plus Push).
+    pub(crate) fn documents_arrived(&self, message: &[u8]) {
+        use crate::documents::{ccda, index};
+        for xml in index::ccdas_in_message(message) {
+            let doc = match ccda::parse(&xml, &ccda::Limits::default()) {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::warn!("a C-CDA attachment could not be read: {e}");
+                    continue;
+                }
+            };
+            let entry = match index::index(self.store.as_ref(), &xml, &doc, Self::now()) {
+                Ok(index::Indexed::New(e)) => e,
+                Ok(index::Indexed::Duplicate) => continue,
+                Err(e) => {
+                    tracing::error!("indexing a C-CDA: {e}");
+                    continue;
+                }
+            };
+            tracing::info!(document = %entry.key, patients = ?entry.patient_ids, "C-CDA indexed");
+            let due = match index::due_pushes(self.store.as_ref(), &entry) {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::error!("push rules: {e}");
+                    continue;
+                }
+            };
+            for (rule, patient) in due {
+                let from = if self.settings.push_from.is_empty() {
+                    let first = self
+                        .agent()
+                        .domains
+                        .keys()
+                        .next()
+                        .cloned()
+                        .unwrap_or_default();
+                    format!("records@{first}")
+                } else {
+                    self.settings.push_from.clone()
+                };
+                let holder = if self.settings.holder_name.is_empty() {
+                    self.settings.server.hostname.clone()
+                } else {
+                    self.settings.holder_name.clone()
+                };
+                let message =
+                    index::push_message(&from, &rule.to, &holder, &patient.name, &xml, &doc);
+                let spool = match self.store.spool(&message) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::error!("spooling a push: {e}");
+                        continue;
+                    }
+                };
+                let id = message_id_of(&message);
+                if let Some(mid) = &id {
+                    let t = track::Tracking::new(
+                        mid,
+                        &from,
+                        std::slice::from_ref(&rule.to),
+                        Self::now(),
+                    );
+                    let _ = track::save(self.store.as_ref(), &t);
+                }
+                let job = Job {
+                    id: new_job_id(),
+                    kind: JobKind::Outgoing,
+                    spool,
+                    mail_from: from.clone(),
+                    recipients: vec![RecipientState::pending(rule.to.clone())],
+                    created: Self::now(),
+                    message_id: id,
+                    dsn_sent: false,
+                };
+                match self.store.enqueue(&job) {
+                    Ok(()) => {
+                        audit(
+                            "push",
+                            &format!(
+                                "document {} for patient {} to {} (rule {})",
+                                entry.key, patient.id, rule.to, rule.id
+                            ),
+                        );
+                        self.wake.notify_one();
+                    }
+                    Err(e) => tracing::error!("queueing a push: {e}"),
+                }
+            }
+        }
     }
 
     /// An MDN or DSN for a message we sent: update the tracking, and pass
@@ -489,6 +582,7 @@ impl Hub {
             "accepted for delivery"
         );
         self.wake.notify_one();
+        self.documents_arrived(&message);
         Reply::new(250, "2.0.0", format!("queued as {}", job.id))
     }
 }
