@@ -152,6 +152,9 @@ enum PatientsCommand {
         name: String,
         #[arg(long = "identifier", required = true)]
         identifiers: Vec<String>,
+        /// Read a login password for the patient (one line) from stdin.
+        #[arg(long)]
+        password_stdin: bool,
     },
     List,
     Remove {
@@ -1021,14 +1024,27 @@ fn patients_command(config: Option<&Path>, cmd: PatientsCommand) -> Result<ExitC
             id,
             name,
             identifiers,
+            password_stdin,
         } => {
+            let password_hash = if password_stdin {
+                let password = read_password()?;
+                if password.chars().count() < hispd::users::MIN_PASSWORD_CHARS {
+                    bail!(
+                        "password too short (min {})",
+                        hispd::users::MIN_PASSWORD_CHARS
+                    );
+                }
+                Some(hispd::users::hash_password(&password)?)
+            } else {
+                None
+            };
             index::add_patient(
                 &store,
                 &index::PatientRecord {
                     id: id.clone(),
                     name,
                     identifiers,
-                    password_hash: None,
+                    password_hash,
                 },
             )?;
             println!("added patient {id}");

@@ -296,7 +296,7 @@ fn check_password(password: &str) -> Result<(), UserError> {
     Ok(())
 }
 
-fn hash_password(password: &str) -> Result<String, UserError> {
+pub fn hash_password(password: &str) -> Result<String, UserError> {
     let mut salt = [0u8; 16];
     openssl::rand::rand_bytes(&mut salt).map_err(|e| UserError::Random(e.to_string()))?;
     let salt = SaltString::encode_b64(&salt).map_err(|e| UserError::Hash(e.to_string()))?;

@@ -46,8 +46,10 @@ fn a_submitted_ccda_is_pushed_to_the_patients_chosen_address() {
             "Jane Doe",
             "--identifier",
             &identifier,
+            "--password-stdin",
         ],
-        b"",
+        b"jane-password-1
+",
     );
     assert!(
         out.status.success(),
