@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::servers::{cert_rr, free_port, ldif_person, Bind, Slapd, LDAP_SUFFIX};
+use common::servers::{cert_rr, free_port, ldif_person, Bind, HttpServer, Slapd, LDAP_SUFFIX};
 use hispd::address::DirectAddress;
 use hispd::discovery::{
     Bound, CertificateSet, Discovered, Discovery, DiscoveryConfig, SourceKind, TrustContext,
@@ -531,46 +531,6 @@ fn a_cached_lookup_does_no_network_io() {
         udp.recv_from(&mut buf).is_ok() || tcp.accept().is_ok(),
         "a miss asks the nameserver"
     );
-}
-
-/// Python's http.server on a free loopback port, serving `dir`; stopped on drop.
-struct HttpServer {
-    child: std::process::Child,
-    port: u16,
-}
-
-impl HttpServer {
-    fn start(dir: &Path) -> HttpServer {
-        let port = free_port();
-        let child = std::process::Command::new("python3")
-            .args([
-                "-m",
-                "http.server",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--directory",
-            ])
-            .arg(dir)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("python3 http.server");
-        for _ in 0..200 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        HttpServer { child, port }
-    }
-}
-
-impl Drop for HttpServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 fn url_rr(owner: &str, cert_type: u16, url: &str) -> String {

@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::servers::{cert_rr, free_port, Bind};
+use common::servers::{cert_rr, free_port, Bind, HttpServer};
 use hispd::address::DirectAddress;
 use hispd::discovery::{
     CertificateSet, Discovered, Discovery, DiscoveryConfig, SourceKind, TrustContext,
@@ -226,50 +226,6 @@ fn crl_signed_with(
 // ---------------------------------------------------------------------------
 // servers and discovery
 // ---------------------------------------------------------------------------
-
-/// Python's http.server on a free loopback port, serving `dir`; stopped on drop.
-struct HttpServer {
-    child: std::process::Child,
-    port: u16,
-}
-
-impl HttpServer {
-    fn start(dir: &Path) -> HttpServer {
-        let port = free_port();
-        let child = std::process::Command::new("python3")
-            .args([
-                "-m",
-                "http.server",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--directory",
-            ])
-            .arg(dir)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("python3 http.server");
-        for _ in 0..250 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        HttpServer { child, port }
-    }
-
-    fn url(&self, file: &str) -> String {
-        format!("http://127.0.0.1:{}/{file}", self.port)
-    }
-}
-
-impl Drop for HttpServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// BIND serving the CERT records `(owner, certificate)` in zone `example`.
 fn bind(records: &[(&str, &X509)]) -> Bind {

@@ -5,45 +5,10 @@
 mod common;
 
 use common::hisp::*;
-use common::servers::free_port;
+use common::servers::{free_port, HttpServer};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
-
-struct HttpServer(Child);
-
-impl HttpServer {
-    fn start(dir: &Path, port: u16) -> HttpServer {
-        let child = Command::new("python3")
-            .args([
-                "-m",
-                "http.server",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--directory",
-            ])
-            .arg(dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("python3 http.server");
-        for _ in 0..200 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        HttpServer(child)
-    }
-}
-
-impl Drop for HttpServer {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// A DER PKCS#7 certs-only bundle of the PEM certificates given.
 fn make_bundle(out: &Path, certs: &[&Path]) {
@@ -93,7 +58,7 @@ fn a_changed_bundle_changes_what_the_running_daemon_trusts() {
     let other = rogue.join("cert.pem");
     make_bundle(&served.join("community.p7b"), &[&other]);
     let port = free_port();
-    let _http = HttpServer::start(&served, port);
+    let _http = HttpServer::start_on(&served, port);
 
     // B: A's CA only through the bundle (incoming), refreshed every 2 s.
     net.b.stop();

@@ -643,3 +643,51 @@ pub fn ldif_person(base_dn: &str, mail: &str, certs_der: &[Vec<u8>], attribute: 
     s.push('\n');
     s
 }
+
+/// Python's `http.server` on a free loopback port, serving `dir` (for
+/// bundles, CRLs, AIA issuers and CERT URL records); stopped on drop.
+pub struct HttpServer {
+    child: std::process::Child,
+    pub port: u16,
+}
+
+impl HttpServer {
+    pub fn start(dir: &Path) -> HttpServer {
+        HttpServer::start_on(dir, free_port())
+    }
+
+    pub fn start_on(dir: &Path, port: u16) -> HttpServer {
+        let child = std::process::Command::new("python3")
+            .args([
+                "-m",
+                "http.server",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--directory",
+            ])
+            .arg(dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("python3 http.server");
+        for _ in 0..250 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        HttpServer { child, port }
+    }
+
+    pub fn url(&self, file: &str) -> String {
+        format!("http://127.0.0.1:{}/{file}", self.port)
+    }
+}
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
