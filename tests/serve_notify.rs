@@ -353,3 +353,47 @@ fn imap_and_pop3_clients_read_a_real_direct_delivery() {
     assert!(!out.status.success(), "IMAP LOGIN without TLS must fail");
     drop(net.bind.take());
 }
+
+#[test]
+fn mdns_are_relayed_to_the_edge_sender_when_asked() {
+    let mut net = Net::new(|b| b.mx_port);
+    let asked = serde_json::json!({
+        "id": "dnt-1",
+        "to": [BOB],
+        "data": format!(
+            "From: {ALICE}\r\nTo: {BOB}\r\nSubject: tell me\r\nMessage-ID: <dnt-1@a.example>\r\nDate: Fri, 04 Dec 2026 10:00:00 +0000\r\n\
+    Disposition-Notification-To: {ALICE}\r\n\r\nplease tell me\r\n"
+        ),
+    });
+    let results = submit(
+        net.a.submission_port,
+        &serde_json::json!([asked, message(&[BOB], "quiet-1", "no notification wanted")]),
+    );
+    assert!(results.iter().all(|r| r["ok"] == true), "{results:?}");
+    assert!(
+        net.a.wait_log(Duration::from_secs(60), |l| {
+            l.lines()
+                .filter(|x| x.contains("MDN received") && x.contains("Recorded"))
+                .count()
+                >= 2
+        }),
+        "{}",
+        net.a.log_text()
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    net.a.stop();
+    net.b.stop();
+    let list = net.a.cli(&["mailbox", "list", ALICE], b"");
+    let list = String::from_utf8_lossy(&list.stdout).to_string();
+    let uids: Vec<&str> = list.lines().filter_map(|l| l.split('\t').next()).collect();
+    assert_eq!(
+        uids.len(),
+        1,
+        "only the MDN the edge asked for reaches Alice: {list}"
+    );
+    let shown = net.a.cli(&["mailbox", "show", ALICE, uids[0]], b"");
+    let mdn = hispd::notify::mdn::parse_mdn(&shown.stdout).expect("an MDN");
+    assert_eq!(mdn.original_message_id, "<dnt-1@a.example>");
+    assert_eq!(mdn.disposition, hispd::notify::mdn::Disposition::Processed);
+    drop(net.bind.take());
+}
