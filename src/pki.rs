@@ -14,7 +14,9 @@ use openssl::x509::extension::{
     AuthorityKeyIdentifier, BasicConstraints, ExtendedKeyUsage, KeyUsage, SubjectAlternativeName,
     SubjectKeyIdentifier,
 };
-use openssl::x509::{X509Builder, X509NameBuilder, X509};
+use openssl::x509::{
+    X509Builder, X509Crl, X509CrlBuilder, X509Extension, X509NameBuilder, X509RevokedBuilder, X509,
+};
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -70,6 +72,10 @@ pub struct LeafSpec {
     pub not_after_offset: i64,
     pub digital_signature: bool,
     pub key_encipherment: bool,
+    /// CRL distribution point (a URL where the issuer's CRL is published).
+    pub crl_url: Option<String>,
+    /// AIA caIssuers URL (where the issuer's certificate can be fetched).
+    pub ca_issuers_url: Option<String>,
 }
 
 impl LeafSpec {
@@ -84,6 +90,8 @@ impl LeafSpec {
             not_after_offset: 365 * 86400,
             digital_signature: true,
             key_encipherment: true,
+            crl_url: None,
+            ca_issuers_url: None,
         }
     }
 
@@ -222,6 +230,26 @@ pub fn issue(ca: &Credential, spec: &LeafSpec) -> Result<Credential, PkiError> {
         let ext = san.build(&b.x509v3_context(Some(&ca.cert), None))?;
         b.append_extension(ext)?;
     }
+    // The openssl crate has no builders for these two: the config-string form.
+    #[allow(deprecated)]
+    {
+        if let Some(url) = &spec.crl_url {
+            b.append_extension(X509Extension::new_nid(
+                None,
+                None,
+                Nid::CRL_DISTRIBUTION_POINTS,
+                &format!("URI:{url}"),
+            )?)?;
+        }
+        if let Some(url) = &spec.ca_issuers_url {
+            b.append_extension(X509Extension::new_nid(
+                None,
+                None,
+                Nid::INFO_ACCESS,
+                &format!("caIssuers;URI:{url}"),
+            )?)?;
+        }
+    }
     let ski = SubjectKeyIdentifier::new().build(&b.x509v3_context(Some(&ca.cert), None))?;
     b.append_extension(ski)?;
     let aki = AuthorityKeyIdentifier::new()
@@ -269,6 +297,40 @@ pub fn self_signed_server(hostname: &str) -> Result<Credential, PkiError> {
         key,
         chain: Vec::new(),
     })
+}
+
+/// A CRL of `ca` listing `revoked` (valid for a day from an hour ago), with
+/// the authorityKeyIdentifier and cRLNumber extensions.
+pub fn crl(ca: &Credential, revoked: &[&X509], number: u8) -> Result<X509Crl, PkiError> {
+    let mut b = X509CrlBuilder::new()?;
+    b.set_issuer_name(ca.cert.subject_name())?;
+    let (last, next): (Asn1Time, Asn1Time) = (time(-3600)?, time(86400)?);
+    b.set_last_update(&last)?;
+    b.set_next_update(&next)?;
+    for cert in revoked {
+        let mut r = X509RevokedBuilder::new()?;
+        let serial: Asn1Integer = cert.serial_number().to_bn()?.to_asn1_integer()?;
+        r.set_serial_number(&serial)?;
+        let date: Asn1Time = time(-600)?;
+        r.set_revocation_date(&date)?;
+        b.add_revoked(r.build())?;
+    }
+    let ext = |oid: &str, der: &[u8]| -> Result<X509Extension, ErrorStack> {
+        let object: openssl::asn1::Asn1Object = openssl::asn1::Asn1Object::from_str(oid)?;
+        let value: openssl::asn1::Asn1OctetString =
+            openssl::asn1::Asn1OctetString::new_from_bytes(der)?;
+        X509Extension::new_from_der(&object, false, &value)
+    };
+    if let Some(key_id) = ca.cert.subject_key_id() {
+        let key_id = key_id.as_slice();
+        let mut aki = vec![0x30, (key_id.len() + 2) as u8, 0x80, key_id.len() as u8];
+        aki.extend(key_id);
+        b.append_extension(ext("2.5.29.35", &aki)?)?;
+    }
+    b.append_extension(ext("2.5.29.20", &[0x02, 0x01, number])?)?;
+    b.sort()?;
+    b.sign(&ca.key, MessageDigest::sha256())?;
+    Ok(b.build()?)
 }
 
 /// Checks an RSA size given on the command line.

@@ -160,3 +160,65 @@ fn a_changed_bundle_changes_what_the_running_daemon_trusts() {
     );
     drop(net.bind.take());
 }
+
+#[test]
+fn a_revoked_signer_is_refused_on_receipt() {
+    let mut net = Net::new(|b| b.mx_port);
+    let root = net.root.path().to_path_buf();
+    let served = root.join("crl");
+    std::fs::create_dir_all(&served).expect("dir");
+    let http = HttpServer::start(&served);
+
+    // A signs with a certificate whose CRL (at its distribution point) revokes it.
+    net.a.stop();
+    let ca = hispd::pki::load(&root.join("ca-a.example")).expect("A's CA");
+    let spec = hispd::pki::LeafSpec {
+        crl_url: Some(http.url("a.crl")),
+        ..hispd::pki::LeafSpec::domain("a.example")
+    };
+    let leaf = hispd::pki::issue(&ca, &spec).expect("leaf");
+    hispd::pki::save(&leaf, &net.a.dir.join("certs/a.example/private")).expect("save");
+    let crl = hispd::pki::crl(&ca, &[&leaf.cert], 1).expect("crl");
+    std::fs::write(served.join("a.crl"), crl.to_der().expect("der")).expect("write crl");
+    net.a.start();
+
+    let results = submit(
+        net.a.submission_port,
+        &serde_json::json!([message(&[BOB], "revoked-1", "from a revoked key")]),
+    );
+    assert_eq!(results[0]["ok"], true);
+    assert!(
+        net.b
+            .wait_log(Duration::from_secs(30), |l| l.contains("incoming-refused")
+                && l.contains("signer-revoked")),
+        "B refuses the revoked signer\nB:\n{}",
+        net.b.log_text()
+    );
+    assert!(
+        net.b.log_text().contains("revoked"),
+        "the reason says revoked"
+    );
+    assert!(
+        !net.b.log_text().contains("\"delivered\""),
+        "nothing delivered"
+    );
+
+    // With a CRL that no longer lists it, the same signer is accepted.
+    let clean = hispd::pki::crl(&ca, &[], 2).expect("crl");
+    std::fs::write(served.join("a.crl"), clean.to_der().expect("der")).expect("write crl");
+    net.b.stop();
+    net.b.start(); // the CRL cache lives until nextUpdate: a fresh process fetches anew
+    let results = submit(
+        net.a.submission_port,
+        &serde_json::json!([message(&[BOB], "revoked-2", "after reinstatement")]),
+    );
+    assert_eq!(results[0]["ok"], true);
+    assert!(
+        net.b.wait_log(Duration::from_secs(30), |l| l
+            .contains("revoked-2@a.example")
+            && l.contains("\"delivered\"")),
+        "{}",
+        net.b.log_text()
+    );
+    drop(net.bind.take());
+}
