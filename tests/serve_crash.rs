@@ -1,6 +1,7 @@
 //! Crash safety: while Python's smtplib submits a few hundred messages to
-//! A, A is killed with SIGKILL and restarted. Every message that got a 250
-//! is delivered to B exactly once (counted by Message-ID in B's mailbox).
+//! A, A (twice) and B (once) are killed with SIGKILL at points drawn from a
+//! seeded generator, and restarted. Every message that got a 250 is
+//! delivered to B exactly once (counted by Message-ID in B's mailbox).
 
 mod common;
 
@@ -76,7 +77,21 @@ fn every_accepted_message_is_delivered_exactly_once_across_kill_9() {
 
     let mut accepted: Vec<u64> = Vec::new();
     let mut retries = 0usize;
-    let mut killed = false;
+    // Kill points (by count of accepted messages), seeded so a failure reproduces.
+    let seed: u64 = std::env::var("HISPD_CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20261204);
+    let mut x = seed | 1;
+    let mut draw = |lo: usize, hi: usize| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        lo + (x as usize) % (hi - lo)
+    };
+    let kill_a = [draw(10, MESSAGES / 3), draw(MESSAGES / 2, MESSAGES - 20)];
+    let kill_b = draw(MESSAGES / 3, MESSAGES / 2);
+    let mut kills = 0usize;
     let deadline = Instant::now() + Duration::from_secs(400);
     loop {
         let Ok(v) = rx.recv_timeout(Duration::from_secs(60)) else {
@@ -95,16 +110,26 @@ fn every_accepted_message_is_delivered_exactly_once_across_kill_9() {
         if v.get("done").is_some() || Instant::now() > deadline {
             break;
         }
-        if !killed && accepted.len() == MESSAGES / 3 {
+        if kill_a.contains(&accepted.len()) && v.get("accepted").is_some() {
             // In the middle of the stream: no goodbye, no flush.
             net.a.kill9();
             std::thread::sleep(Duration::from_millis(300));
             net.a.start();
-            killed = true;
+            kills += 1;
+        }
+        if accepted.len() == kill_b && v.get("accepted").is_some() {
+            // The receiving side too, while deliveries are in flight.
+            net.b.kill9();
+            std::thread::sleep(Duration::from_millis(300));
+            net.b.start();
+            kills += 1;
         }
     }
     let _ = client.wait();
-    assert!(killed, "the daemon was killed during the submissions");
+    assert_eq!(
+        kills, 3,
+        "A was killed twice and B once during the submissions (seed {seed})"
+    );
     assert!(retries > 0, "the client noticed the crash");
     assert_eq!(
         accepted.len(),
