@@ -1412,10 +1412,13 @@ fn serve(config: Option<&Path>) -> Result<ExitCode> {
                  Send a test message (STARTTLS, then AUTH as {user}, password {password}):\n\
                  \n  swaks --server {sub} --tls --auth-user {user} --auth-password {password} \\\n        --from {user} --to {user}\n\n\
                  It is sealed, opened and delivered to the mailbox of {user}; the log shows each step.\n\
-                 Then stop hispd (Ctrl-C) and read it: hispd mailbox list {user}\n",
+                 Read it over IMAP or POP3 (STARTTLS/STLS), e.g.\n\
+                 \n  curl -k --ssl-reqd --user {user}:{password} 'imap://{imap}/INBOX;UID=1'\n\n\
+                 or stop hispd (Ctrl-C) and run: hispd mailbox list {user}\n",
                 dom = hispd::server::DEV_DOMAIN,
                 data = settings.server.data_dir.display(),
                 user = hispd::server::DEV_USER,
+                imap = settings.server.imap_listen.map(|a| a.to_string()).unwrap_or_else(|| "(IMAP disabled)".into()),
             );
         }
         let hub = daemon.hub.clone();
