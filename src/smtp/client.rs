@@ -983,11 +983,34 @@ impl<'c, S: AsyncRead + AsyncWrite + Unpin> Session<'c, S> {
     }
 }
 
-/// The client side TLS state for `host`, per the configuration.
-async fn tls_context(host: &str, config: &ClientConfig) -> Result<openssl::ssl::Ssl, String> {
+/// Connectors per (verify, CA file): building one loads the system's trust
+/// store, which costs tens of milliseconds with OpenSSL 3 — far more than the
+/// handshake itself — so it is done once and shared.
+type ConnectorCache =
+    std::sync::Mutex<std::collections::HashMap<(bool, Option<std::path::PathBuf>), SslConnector>>;
+
+fn connector_cache() -> &'static ConnectorCache {
+    static CACHE: std::sync::OnceLock<ConnectorCache> = std::sync::OnceLock::new();
+    CACHE.get_or_init(|| std::sync::Mutex::new(std::collections::HashMap::new()))
+}
+
+async fn connector(config: &ClientConfig) -> Result<SslConnector, String> {
+    let key = (
+        config.verify_tls,
+        if config.verify_tls {
+            config.ca_file.clone()
+        } else {
+            None
+        },
+    );
+    if let Some(c) = connector_cache()
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&key)
+    {
+        return Ok(c.clone());
+    }
     let tls_error = |e: openssl::error::ErrorStack| e.to_string();
-    // MX names come from DNS and may end in the root dot.
-    let name = host.trim_end_matches('.');
     let mut builder = SslConnector::builder(SslMethod::tls_client()).map_err(tls_error)?;
     builder
         .set_min_proto_version(Some(SslVersion::TLS1_2))
@@ -1009,7 +1032,20 @@ async fn tls_context(host: &str, config: &ClientConfig) -> Result<openssl::ssl::
     } else {
         builder.set_verify(SslVerifyMode::NONE);
     }
-    let connector = builder.build();
+    let built = builder.build();
+    connector_cache()
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(key, built.clone());
+    Ok(built)
+}
+
+/// The client side TLS state for `host`, per the configuration.
+async fn tls_context(host: &str, config: &ClientConfig) -> Result<openssl::ssl::Ssl, String> {
+    let tls_error = |e: openssl::error::ErrorStack| e.to_string();
+    // MX names come from DNS and may end in the root dot.
+    let name = host.trim_end_matches('.');
+    let connector = connector(config).await?;
     let mut configure = connector.configure().map_err(tls_error)?;
     // SNI carries host names only, never address literals (RFC 6066 §3).
     let is_address = name.parse::<std::net::IpAddr>().is_ok();
