@@ -56,6 +56,7 @@ impl Worker {
     }
 
     pub async fn run(self) {
+        let mut last_timeout_check = 0i64;
         loop {
             let now = Hub::now();
             for job in self.read_jobs() {
@@ -71,7 +72,12 @@ impl Worker {
                     None => self.finish(job).await,
                 }
             }
-            self.check_notification_timeouts().await;
+            // Timeouts are in seconds: no need to read every tracking record
+            // on each wake-up of a busy queue.
+            if Hub::now() != last_timeout_check {
+                last_timeout_check = Hub::now();
+                self.check_notification_timeouts().await;
+            }
             // Decide the wait from the queue as it is now, after this round's
             // attempts set their own next times.
             // At least a short pause, so a job that cannot be saved does not spin.

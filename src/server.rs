@@ -540,7 +540,13 @@ impl Hub {
             }
         }
         // Notifications refer to the Message-ID: it must exist before the first attempt.
-        let message = ensure_message_id(message, &envelope.mail_from);
+        let message = match DirectAddress::parse(&envelope.mail_from)
+            .ok()
+            .and_then(|from| agent::complete_headers(&message, &from).ok())
+        {
+            Some((completed, _)) => completed,
+            None => message,
+        };
         let spool = match self.store.spool(&message) {
             Ok(s) => s,
             Err(e) => return Reply::new(451, "4.3.0", format!("local storage error: {e}")),
@@ -635,33 +641,6 @@ fn message_id_of_report(message: &[u8]) -> Option<String> {
         .filter(|l| l.to_ascii_lowercase().starts_with("message-id:"))
         .nth(1)
         .and_then(|l| l.split_once(':').map(|(_, v)| v.trim().to_string()))
-}
-
-/// Adds Date and Message-ID when a submitted message lacks them.
-fn ensure_message_id(message: Vec<u8>, sender: &str) -> Vec<u8> {
-    let Ok(entity) = crate::smime::mime::Entity::parse(&message) else {
-        return message;
-    };
-    let mut prefix = Vec::new();
-    if entity.header("Message-ID").is_none() {
-        let mut b = [0u8; 16];
-        let _ = openssl::rand::rand_bytes(&mut b);
-        let domain = sender
-            .rsplit_once('@')
-            .map(|(_, d)| d)
-            .unwrap_or("localhost");
-        prefix
-            .extend_from_slice(format!("Message-ID: <{}@{domain}>\r\n", hex::encode(b)).as_bytes());
-    }
-    if entity.header("Date").is_none() {
-        prefix
-            .extend_from_slice(format!("Date: {}\r\n", chrono::Utc::now().to_rfc2822()).as_bytes());
-    }
-    if prefix.is_empty() {
-        return message;
-    }
-    prefix.extend_from_slice(&message);
-    prefix
 }
 
 fn new_job_id() -> String {

@@ -102,7 +102,7 @@ fn check_signing_credential(
 
 /// Adds Date and Message-ID when the original lacks them: every Direct
 /// message needs a Message-ID for delivery notifications to refer to.
-fn complete_headers(
+pub fn complete_headers(
     message: &[u8],
     from: &DirectAddress,
 ) -> Result<(Vec<u8>, Option<String>), AgentError> {
