@@ -501,16 +501,15 @@ mod tests {
     #[test]
     fn reopen_keeps_users() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("db");
         {
-            let db = sled::open(&path).unwrap();
-            let users = Users::open(&db).unwrap();
+            let store = crate::store::SledStore::open(dir.path()).unwrap();
+            let users = Users::open(store.db()).unwrap();
             users.add("frank@d.example", "password1", &[]).unwrap();
             users.add("grace@d.example", "password2", &[]).unwrap();
             users.remove("grace@d.example").unwrap();
         }
-        let db = sled::open(&path).unwrap();
-        let users = Users::open(&db).unwrap();
+        let store = crate::store::SledStore::open(dir.path()).unwrap();
+        let users = Users::open(store.db()).unwrap();
         let list = users.list().unwrap();
         assert_eq!(list.len(), 1);
         assert!(users

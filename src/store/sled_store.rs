@@ -60,15 +60,35 @@ fn mailbox_prefix(mailbox: &str) -> Vec<u8> {
     k
 }
 
+/// How long `open` waits for the index lock. sled releases its file lock
+/// from a background flusher thread shortly after the last handle is dropped,
+/// so a reopen in the same process (a reload, a test) can find it still held
+/// for a moment; another process holding it (a running daemon) still fails.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+fn open_index(path: &Path) -> Result<sled::Db, StoreError> {
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    loop {
+        match sled::Config::new().path(path).open() {
+            Ok(db) => return Ok(db),
+            // sled reports the lock as an `Other` I/O error with this text.
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => return Err(StoreError::Index(format!("{}: {e}", path.display()))),
+        }
+    }
+}
+
 impl SledStore {
     /// Opens (creating) the store under `dir`: `dir/index` and `dir/spool`.
     pub fn open(dir: &Path) -> Result<SledStore, StoreError> {
         let spool_dir = dir.join("spool");
         fs::create_dir_all(spool_dir.join("tmp")).map_err(io(&spool_dir))?;
-        let db = sled::Config::new()
-            .path(dir.join("index"))
-            .open()
-            .map_err(|e| StoreError::Index(format!("{}: {e}", dir.join("index").display())))?;
+        let db = open_index(&dir.join("index"))?;
         let store = SledStore {
             jobs: db.open_tree("jobs")?,
             mailboxes: db.open_tree("mailboxes")?,
@@ -431,6 +451,21 @@ mod tests {
             message_id: Some("<m@x>".into()),
             dsn_sent: false,
         }
+    }
+
+    #[test]
+    fn open_waits_for_a_lock_released_in_the_same_process() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = SledStore::open(dir.path()).unwrap();
+        let holder = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            drop(first);
+        });
+        // The first handle is still open here: without waiting for the lock
+        // this open would fail with WouldBlock.
+        let second = SledStore::open(dir.path()).unwrap();
+        holder.join().unwrap();
+        assert!(second.jobs().unwrap().is_empty());
     }
 
     #[test]
