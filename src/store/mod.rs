@@ -163,6 +163,9 @@ pub trait Storage: Send + Sync {
     fn mailboxes(&self, prefix: &str) -> Result<Vec<String>, StoreError>;
 
     /// Small records of a kind ("tracking", "dispatch", ...) by key. Durable on return.
+    /// A record that owns a spool file names it in a top-level `"spool"`
+    /// field of its JSON value, or the file is removed as an orphan when the
+    /// store is next opened.
     fn put_record(&self, kind: &str, key: &str, value: &[u8]) -> Result<(), StoreError>;
     fn get_record(&self, kind: &str, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
     fn remove_record(&self, kind: &str, key: &str) -> Result<(), StoreError>;

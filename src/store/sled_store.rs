@@ -117,12 +117,22 @@ impl SledStore {
         Ok(self.spool_dir.join(id))
     }
 
-    /// Spool files that no job and no mailbox refers to were written by a
-    /// transaction that never committed (a crash before 250): remove them.
+    /// Spool files that no job, no mailbox and no record refers to were
+    /// written by a transaction that never committed (a crash before 250):
+    /// remove them. A record owns a spool file by naming it in a top-level
+    /// `"spool"` field of its JSON value (the indexed C-CDA documents do).
     fn remove_orphans(&self) -> Result<(), StoreError> {
         let mut referenced = std::collections::HashSet::new();
         for job in self.jobs()? {
             referenced.insert(job.spool);
+        }
+        for item in self.records_tree.iter() {
+            let (_, v) = item?;
+            if let Ok(serde_json::Value::Object(map)) = serde_json::from_slice(&v) {
+                if let Some(serde_json::Value::String(spool)) = map.get("spool") {
+                    referenced.insert(spool.clone());
+                }
+            }
         }
         for item in self.mailboxes.iter() {
             let (k, v) = item?;
@@ -451,6 +461,24 @@ mod tests {
             message_id: Some("<m@x>".into()),
             dsn_sent: false,
         }
+    }
+
+    #[test]
+    fn spool_files_named_by_records_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let (kept, orphan);
+        {
+            let store = SledStore::open(dir.path()).unwrap();
+            kept = store.spool(b"<ClinicalDocument/>").unwrap();
+            orphan = store.spool(b"never committed").unwrap();
+            let value = serde_json::json!({"key": "doc-1", "spool": kept});
+            store
+                .put_record("document", "doc-1", value.to_string().as_bytes())
+                .unwrap();
+        }
+        let store = SledStore::open(dir.path()).unwrap();
+        assert_eq!(store.read(&kept).unwrap(), b"<ClinicalDocument/>");
+        assert!(store.read(&orphan).is_err());
     }
 
     #[test]
