@@ -20,6 +20,10 @@ command -v mbsync >/dev/null || need+=(isync)
 command -v curl >/dev/null || need+=(curl)
 command -v unzip >/dev/null || need+=(unzip)
 command -v python3 >/dev/null || need+=(python3)
+# Debian's python3 has the venv module but not ensurepip, so `python3 -m venv
+# --help` works while making a venv with pip fails; ensurepip is the test.
+python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)
+command -v chromium >/dev/null || need+=(chromium)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "scripts/test.sh: missing ${need[*]}; install them (apt-get install ${need[*]}) or run as root" >&2
@@ -31,6 +35,20 @@ fi
 
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
+# FHIR responses are validated with the FHIR 4.0.1 models of fhir.resources
+# 6.1.0 (which needs pydantic v1), in a venv made once and reused.
+venv=target/fhir-venv
+if ! "$venv/bin/python" -c 'import fhir.resources as f, pydantic as p
+assert f.__version__ == "6.1.0" and p.VERSION.startswith("1.")' 2>/dev/null; then
+  rm -rf "$venv"
+  python3 -m venv "$venv"
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check --no-input \
+    "fhir.resources==6.1.0" "pydantic<2"
+fi
+export HISPD_TEST_FHIR_PYTHON="$PWD/$venv/bin/python"
+HISPD_TEST_CHROMIUM=$(command -v chromium)
+export HISPD_TEST_CHROMIUM
+
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 cargo test --locked 2>&1 | tee "$log"

@@ -48,6 +48,7 @@ struct RawSettings {
     policy: RawPolicy,
     certs: RawCerts,
     discovery: RawDiscovery,
+    pull: RawPull,
     #[serde(default)]
     domains: Vec<RawDomain>,
     #[serde(default)]
@@ -117,6 +118,62 @@ struct RawServer {
     imap_listen: String,
     pop3_listen: String,
     log_format: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPull {
+    listen: String,
+    base_url: String,
+    tls_cert: String,
+    tls_key: String,
+    open_registration: bool,
+    access_token_secs: u64,
+    refresh_token_secs: u64,
+    code_secs: u64,
+    #[serde(default)]
+    registries: Vec<RawRegistry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRegistry {
+    name: String,
+    issuer: String,
+    #[serde(default)]
+    jwks_file: String,
+    #[serde(default)]
+    jwks_url: String,
+}
+
+/// Blue Button Plus Pull: the OAuth2 + FHIR listener.
+#[derive(Debug, Clone)]
+pub struct PullConfig {
+    /// None: Pull is disabled.
+    pub listen: Option<std::net::SocketAddr>,
+    /// The public base URL (no trailing slash) apps see: issuer and endpoints.
+    pub base_url: String,
+    pub tls: Option<(PathBuf, PathBuf)>,
+    pub open_registration: bool,
+    pub access_token: Duration,
+    pub refresh_token: Duration,
+    pub code: Duration,
+    pub registries: Vec<RegistryConfig>,
+}
+
+/// A trusted app registry (Blue Button Plus trusted registration).
+#[derive(Debug, Clone)]
+pub struct RegistryConfig {
+    pub name: String,
+    /// The `iss` of its software statements.
+    pub issuer: String,
+    pub jwks: JwksSource,
+}
+
+#[derive(Debug, Clone)]
+pub enum JwksSource {
+    File(PathBuf),
+    Url(String),
 }
 
 #[derive(Debug, Deserialize)]
@@ -271,6 +328,7 @@ pub struct Settings {
     pub public_dir: PathBuf,
     pub certs_dir: PathBuf,
     pub domains: Vec<DomainConfig>,
+    pub pull: PullConfig,
     /// Where the settings came from, for messages.
     pub source: String,
 }
@@ -550,6 +608,8 @@ impl Settings {
             (!srv.imap_listen.is_empty()).then(|| listen("server.imap_listen", &srv.imap_listen));
         let pop3_listen =
             (!srv.pop3_listen.is_empty()).then(|| listen("server.pop3_listen", &srv.pop3_listen));
+        let pull_listen =
+            (!raw.pull.listen.is_empty()).then(|| listen("pull.listen", &raw.pull.listen));
         if !matches!(srv.log_format.as_str(), "human" | "json") {
             problems.push(problem(
                 "server.log_format",
@@ -675,6 +735,102 @@ impl Settings {
                 max_bytes: b.max_bytes,
             });
         }
+        let pull = {
+            let p = &raw.pull;
+            let listen = pull_listen;
+            if p.tls_cert.is_empty() != p.tls_key.is_empty() {
+                problems.push(problem(
+                    "pull.tls_cert",
+                    "set both pull.tls_cert and pull.tls_key, or neither".into(),
+                ));
+            }
+            let tls = (!p.tls_cert.is_empty() && !p.tls_key.is_empty())
+                .then(|| (resolve(&p.tls_cert), resolve(&p.tls_key)));
+            let base_url = if p.base_url.is_empty() {
+                let scheme = if tls.is_some() { "https" } else { "http" };
+                match listen {
+                    Some(a) => format!("{scheme}://{a}"),
+                    None => String::new(),
+                }
+            } else {
+                let b = p.base_url.trim_end_matches('/').to_string();
+                match url::Url::parse(&b) {
+                    Ok(u) if matches!(u.scheme(), "http" | "https") && u.query().is_none() => {}
+                    _ => problems.push(problem(
+                        "pull.base_url",
+                        format!("{:?} is not an http(s) URL without query", p.base_url),
+                    )),
+                }
+                b
+            };
+            for (key, v) in [
+                ("pull.access_token_secs", p.access_token_secs),
+                ("pull.refresh_token_secs", p.refresh_token_secs),
+                ("pull.code_secs", p.code_secs),
+            ] {
+                if v == 0 {
+                    problems.push(problem(key, "must be more than 0".into()));
+                }
+            }
+            let mut registries: Vec<RegistryConfig> = Vec::new();
+            for (i, r) in p.registries.iter().enumerate() {
+                let key = |k: &str| format!("pull.registries[{i}].{k}");
+                if r.name.is_empty() || registries.iter().any(|x| x.name == r.name) {
+                    problems.push(problem(
+                        &key("name"),
+                        format!("{:?} is empty or configured twice", r.name),
+                    ));
+                    continue;
+                }
+                if r.issuer.is_empty() {
+                    problems.push(problem(&key("issuer"), "must not be empty".into()));
+                }
+                let jwks = match (r.jwks_file.is_empty(), r.jwks_url.is_empty()) {
+                    (false, true) => {
+                        let f = resolve(&r.jwks_file);
+                        if !f.is_file() {
+                            problems.push(problem(
+                                &key("jwks_file"),
+                                format!("{} does not exist", f.display()),
+                            ));
+                        }
+                        JwksSource::File(f)
+                    }
+                    (true, false) => {
+                        let lower = r.jwks_url.to_ascii_lowercase();
+                        if !(lower.starts_with("https://") || lower.starts_with("http://")) {
+                            problems.push(problem(
+                                &key("jwks_url"),
+                                format!("{:?} is not an http(s) URL", r.jwks_url),
+                            ));
+                        }
+                        JwksSource::Url(r.jwks_url.clone())
+                    }
+                    _ => {
+                        problems.push(problem(
+                            &key("jwks_file"),
+                            "set exactly one of jwks_file and jwks_url".into(),
+                        ));
+                        continue;
+                    }
+                };
+                registries.push(RegistryConfig {
+                    name: r.name.clone(),
+                    issuer: r.issuer.clone(),
+                    jwks,
+                });
+            }
+            PullConfig {
+                listen,
+                base_url,
+                tls,
+                open_registration: p.open_registration,
+                access_token: Duration::from_secs(p.access_token_secs.max(1)),
+                refresh_token: Duration::from_secs(p.refresh_token_secs.max(1)),
+                code: Duration::from_secs(p.code_secs.max(1)),
+                registries,
+            }
+        };
         let crl_policy = raw.policy.crl_policy.parse().unwrap_or_else(|e: String| {
             problems.push(problem("policy.crl_policy", e));
             crate::trust::revocation::CrlPolicy::SoftFail
@@ -699,6 +855,7 @@ impl Settings {
             public_dir,
             certs_dir,
             domains,
+            pull,
             source,
         };
         Ok((settings, problems))
@@ -973,6 +1130,41 @@ mod tests {
             ]
         );
         assert!(err.0.iter().all(|p| p.source == path.display().to_string()));
+    }
+
+    #[test]
+    fn pull_settings_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pull.toml");
+        std::fs::write(
+            &path,
+            "[pull]\nlisten = \"nowhere\"\nbase_url = \"ftp://x\"\ntls_cert = \"c.pem\"\ncode_secs = 0\n\
+             [[pull.registries]]\nname = \"r\"\nissuer = \"https://r.example\"\njwks_file = \"missing.json\"\n\
+             [[pull.registries]]\nname = \"s\"\nissuer = \"https://s.example\"\njwks_file = \"a\"\njwks_url = \"https://s.example/jwks\"\n",
+        )
+        .unwrap();
+        let err = Settings::load_with_env(Some(&path), no_env()).unwrap_err();
+        let keys: Vec<&str> = err.0.iter().map(|p| p.key.as_str()).collect();
+        for k in [
+            "pull.listen",
+            "pull.base_url",
+            "pull.tls_cert",
+            "pull.code_secs",
+            "pull.registries[0].jwks_file",
+            "pull.registries[1].jwks_file",
+        ] {
+            assert!(keys.contains(&k), "{k} not in {keys:?}");
+        }
+        // The default: plain HTTP on loopback, base URL from the listener.
+        let s = Settings::load_with_env(None, no_env()).unwrap();
+        assert_eq!(s.pull.base_url, "http://127.0.0.1:8080");
+        assert!(s.pull.tls.is_none() && s.pull.open_registration);
+        let off = Settings::load_with_env(
+            None,
+            vec![("HISPD__PULL__LISTEN".to_string(), String::new())],
+        )
+        .unwrap();
+        assert!(off.pull.listen.is_none());
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub mod edge;
 pub mod http;
 pub mod notify;
 pub mod pki;
+pub mod pull;
 pub mod queue;
 pub mod server;
 pub mod smime;

@@ -72,6 +72,10 @@ enum Command {
     /// Patient-directed push rules (use while the daemon is stopped).
     #[command(subcommand)]
     Push(PushCommand),
+    /// Apps allowed to ask patients for access (Blue Button Plus Pull; use
+    /// while the daemon is stopped).
+    #[command(subcommand)]
+    Apps(AppsCommand),
     /// Trust bundles: the configured subscriptions and their last good copies.
     #[command(subcommand)]
     Bundles(BundlesCommand),
@@ -159,6 +163,32 @@ enum PatientsCommand {
     List,
     Remove {
         id: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum AppsCommand {
+    /// Register an app (shown to patients as registered by the operator).
+    /// Prints its client_id, and for --confidential its secret (shown once).
+    Add {
+        #[arg(long)]
+        name: String,
+        /// Exact redirect URI (https, http on loopback, or a private scheme); repeatable.
+        #[arg(long = "redirect-uri", required = true)]
+        redirect_uris: Vec<String>,
+        /// A confidential app (client_secret_basic); default: public (PKCE).
+        #[arg(long)]
+        confidential: bool,
+        /// Scopes the app may ask for (space-separated); default: any.
+        #[arg(long)]
+        scope: Option<String>,
+        #[arg(long = "client-uri")]
+        client_uri: Option<String>,
+    },
+    List,
+    /// Remove an app; every token it holds stops working.
+    Remove {
+        client_id: String,
     },
 }
 
@@ -723,6 +753,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Ccda(cmd) => ccda_command(cmd),
         Command::Xdm(cmd) => xdm_command(cmd),
         Command::Patients(cmd) => patients_command(config, cmd),
+        Command::Apps(cmd) => apps_command(config, cmd),
         Command::Push(cmd) => push_command(config, cmd),
         Command::Track { message_id, json } => {
             let store = open_store(config)?;
@@ -1068,6 +1099,65 @@ fn patients_command(config: Option<&Path>, cmd: PatientsCommand) -> Result<ExitC
     Ok(ExitCode::SUCCESS)
 }
 
+fn apps_command(config: Option<&Path>, cmd: AppsCommand) -> Result<ExitCode> {
+    use hispd::pull::oauth;
+    let store = open_store(config)?;
+    match cmd {
+        AppsCommand::Add {
+            name,
+            redirect_uris,
+            confidential,
+            scope,
+            client_uri,
+        } => {
+            let (app, secret) = oauth::create_app(
+                &store,
+                name,
+                client_uri,
+                redirect_uris,
+                confidential,
+                scope.map(|s| oauth::Scopes::grantable(&s).as_string()),
+                oauth::Registration::Operator,
+                None,
+            )
+            .map_err(|e| anyhow::anyhow!("{}", e.description()))?;
+            println!("client_id\t{}", app.client_id);
+            if let Some(secret) = secret {
+                println!("client_secret\t{secret}");
+                eprintln!("(the secret is shown only now: only its hash is kept)");
+            }
+        }
+        AppsCommand::List => {
+            for app in oauth::apps(&store)? {
+                let kind = match &app.registration {
+                    oauth::Registration::Open => "open (unverified)".to_string(),
+                    oauth::Registration::Registry { name } => format!("registry {name}"),
+                    oauth::Registration::Operator => "operator".to_string(),
+                };
+                println!(
+                    "{}\t{}\t{}\t{}\t{}",
+                    app.client_id,
+                    app.name,
+                    if app.is_public() {
+                        "public"
+                    } else {
+                        "confidential"
+                    },
+                    kind,
+                    app.redirect_uris.join(" ")
+                );
+            }
+        }
+        AppsCommand::Remove { client_id } => {
+            if !oauth::remove_app(&store, &client_id)? {
+                bail!("no app with client_id {client_id}");
+            }
+            println!("removed app {client_id}; its tokens no longer work");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn push_command(config: Option<&Path>, cmd: PushCommand) -> Result<ExitCode> {
     use hispd::documents::index;
     let store = open_store(config)?;
@@ -1404,7 +1494,8 @@ fn serve(config: Option<&Path>) -> Result<ExitCode> {
         let daemon = hispd::server::Daemon::prepare(config).await?;
         let mx = daemon.mx_addr();
         let submission = daemon.submission_addr();
-        tracing::info!(?mx, ?submission, "hispd serving");
+        let pull = daemon.pull_addr();
+        tracing::info!(?mx, ?submission, ?pull, "hispd serving");
         if let Some(password) = &daemon.dev_password {
             let sub = submission.map(|a| a.to_string()).unwrap_or_default();
             eprintln!(

@@ -773,7 +773,6 @@ impl SmtpHandler for Hub {
 /// A TLS acceptor from the configured certificate, or a self-signed one
 /// for `hostname` kept under the data directory.
 fn tls_acceptor(settings: &Settings) -> Result<Arc<openssl::ssl::SslAcceptor>, ServeError> {
-    use openssl::ssl::{SslAcceptor, SslFiletype, SslMethod};
     let (cert, key) = match (&settings.server.tls_cert, &settings.server.tls_key) {
         (Some(c), Some(k)) => (c.clone(), k.clone()),
         _ => {
@@ -786,23 +785,31 @@ fn tls_acceptor(settings: &Settings) -> Result<Arc<openssl::ssl::SslAcceptor>, S
             (dir.join("cert.pem"), dir.join("key.pem"))
         }
     };
+    acceptor_from(&cert, &key)
+}
+
+/// A TLS acceptor (Mozilla intermediate settings) for a PEM chain and key.
+pub fn acceptor_from(
+    cert: &Path,
+    key: &Path,
+) -> Result<Arc<openssl::ssl::SslAcceptor>, ServeError> {
+    use openssl::ssl::{SslAcceptor, SslFiletype, SslMethod};
     let mut b = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls_server())
         .map_err(|e| ServeError::Tls(e.to_string()))?;
-    b.set_certificate_chain_file(&cert).map_err(|e| {
+    b.set_certificate_chain_file(cert).map_err(|e| {
         ServeError::Tls(format!(
             "{}: {}",
             cert.display(),
             crate::smime::openssl_reason(&e)
         ))
     })?;
-    b.set_private_key_file(&key, SslFiletype::PEM)
-        .map_err(|e| {
-            ServeError::Tls(format!(
-                "{}: {}",
-                key.display(),
-                crate::smime::openssl_reason(&e)
-            ))
-        })?;
+    b.set_private_key_file(key, SslFiletype::PEM).map_err(|e| {
+        ServeError::Tls(format!(
+            "{}: {}",
+            key.display(),
+            crate::smime::openssl_reason(&e)
+        ))
+    })?;
     Ok(Arc::new(b.build()))
 }
 
@@ -863,6 +870,11 @@ pub struct Daemon {
     submission: tokio::net::TcpListener,
     imap: Option<tokio::net::TcpListener>,
     pop3: Option<tokio::net::TcpListener>,
+    pull: Option<(
+        tokio::net::TcpListener,
+        Arc<crate::pull::Pull>,
+        Option<Arc<openssl::ssl::SslAcceptor>>,
+    )>,
     edge_config: Arc<crate::edge::EdgeConfig>,
     mx_config: Arc<SessionConfig>,
     submission_config: Arc<SessionConfig>,
@@ -925,6 +937,24 @@ impl Daemon {
             Some(addr) => Some(bind(addr).await?),
             None => None,
         };
+        let pull = match settings.pull.listen {
+            Some(addr) => {
+                let listener = bind(addr).await?;
+                let tls = match &settings.pull.tls {
+                    Some((cert, key)) => Some(acceptor_from(cert, key)?),
+                    None => None,
+                };
+                let pull = crate::pull::Pull::new(
+                    store.clone(),
+                    settings.pull.clone(),
+                    &settings.server.data_dir,
+                    settings.discovery.http,
+                )
+                .map_err(|e| ServeError::Config(e.to_string()))?;
+                Some((listener, Arc::new(pull), tls))
+            }
+            None => None,
+        };
         let edge_config = Arc::new(crate::edge::EdgeConfig {
             hostname: settings.server.hostname.clone(),
             tls: Some(tls.clone()),
@@ -952,6 +982,7 @@ impl Daemon {
             submission,
             imap,
             pop3,
+            pull,
             edge_config,
             mx_config,
             submission_config,
@@ -961,6 +992,11 @@ impl Daemon {
 
     pub fn mx_addr(&self) -> Option<SocketAddr> {
         self.mx.local_addr().ok()
+    }
+
+    /// The Pull (OAuth2 + FHIR) listener's address, when enabled.
+    pub fn pull_addr(&self) -> Option<SocketAddr> {
+        self.pull.as_ref().and_then(|(l, _, _)| l.local_addr().ok())
     }
 
     pub fn submission_addr(&self) -> Option<SocketAddr> {
@@ -1061,6 +1097,9 @@ impl Daemon {
                 self.edge_config.clone(),
                 self.hub.clone(),
             )));
+        }
+        if let Some((listener, pull, tls)) = self.pull {
+            edge.push(crate::pull::start(pull, listener, tls).await);
         }
         tokio::select! {
             _ = mx => {}

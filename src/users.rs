@@ -306,6 +306,18 @@ pub fn hash_password(password: &str) -> Result<String, UserError> {
         .map_err(|e| UserError::Hash(e.to_string()))
 }
 
+/// Checks `password` against an optional PHC hash; with none, a dummy hash
+/// is checked instead so the time taken does not reveal that no hash exists.
+pub fn check_password_hash(phc: Option<&str>, password: &str) -> bool {
+    match phc {
+        Some(phc) => verify_password(phc, password),
+        None => {
+            let _ = verify_password(dummy_hash(), password);
+            false
+        }
+    }
+}
+
 fn verify_password(phc: &str, password: &str) -> bool {
     match PasswordHash::new(phc) {
         Ok(hash) => Argon2::default()

@@ -8,11 +8,7 @@ use common::hisp::*;
 use std::process::Command;
 use std::time::Duration;
 
-fn fixture(name: &str) -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/fixtures/ccda")
-        .join(name)
-}
+use common::ccda_fixture as fixture;
 
 #[test]
 fn a_submitted_ccda_is_pushed_to_the_patients_chosen_address() {

@@ -77,6 +77,19 @@ pub struct Patient {
     pub birth_time: Option<String>,
     /// `administrativeGenderCode/@code` (e.g. `M`, `F`, `UN`).
     pub gender: Option<String>,
+    /// The parts of each `patient/name` that has any (names written as
+    /// plain text have none), in document order.
+    pub name_parts: Vec<NameParts>,
+}
+
+/// The parts of a person name (`PN`), each collapsed and non-empty.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct NameParts {
+    pub prefix: Vec<String>,
+    pub given: Vec<String>,
+    /// Every `family` part, joined with spaces.
+    pub family: Option<String>,
+    pub suffix: Vec<String>,
 }
 
 /// A light owned XML tree for narrative blocks.
@@ -161,6 +174,12 @@ pub struct Ccda {
     /// The `href` of an `xml-stylesheet` processing instruction: reported,
     /// never fetched nor used.
     pub stylesheet: Option<String>,
+    /// `documentationOf/serviceEvent/effectiveTime/low/@value` of the first
+    /// serviceEvent, as written (HL7 TS).
+    pub service_start: Option<String>,
+    /// `documentationOf/serviceEvent/effectiveTime/high/@value` of the first
+    /// serviceEvent, as written (HL7 TS).
+    pub service_end: Option<String>,
 }
 
 impl Ccda {
@@ -278,6 +297,14 @@ pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Ccda, CcdaError> {
         .and_then(|o| child(o, "name"))
         .map(|n| collapse(&all_text(n)))
         .filter(|s| !s.is_empty());
+
+    if let Some(time) = children(root, "documentationOf")
+        .find_map(|d| child(d, "serviceEvent"))
+        .and_then(|e| child(e, "effectiveTime"))
+    {
+        ccda.service_start = child(time, "low").and_then(|n| attr(n, "value"));
+        ccda.service_end = child(time, "high").and_then(|n| attr(n, "value"));
+    }
 
     for comp in children(root, "component") {
         if let Some(body) = child(comp, "structuredBody") {
@@ -500,6 +527,24 @@ fn person_name(n: XNode<'_, '_>) -> Option<String> {
     Some(joined).filter(|s| !s.is_empty())
 }
 
+/// The structured parts of a person name, if it has any.
+fn name_parts(n: XNode<'_, '_>) -> Option<NameParts> {
+    let parts = |kind: &str| -> Vec<String> {
+        children(n, kind)
+            .map(|p| collapse(&all_text(p)))
+            .filter(|t| !t.is_empty())
+            .collect()
+    };
+    let family = parts("family");
+    let np = NameParts {
+        prefix: parts("prefix"),
+        given: parts("given"),
+        family: Some(family.join(" ")).filter(|f| !f.is_empty()),
+        suffix: parts("suffix"),
+    };
+    (np != NameParts::default()).then_some(np)
+}
+
 fn patient(role: XNode<'_, '_>) -> Patient {
     let mut p = Patient {
         ids: children(role, "id").map(instance_id).collect(),
@@ -507,6 +552,7 @@ fn patient(role: XNode<'_, '_>) -> Patient {
     };
     if let Some(pat) = child(role, "patient") {
         p.names = children(pat, "name").filter_map(person_name).collect();
+        p.name_parts = children(pat, "name").filter_map(name_parts).collect();
         p.birth_time = child(pat, "birthTime").and_then(|n| attr(n, "value"));
         p.gender = child(pat, "administrativeGenderCode").and_then(|n| attr(n, "code"));
     }
@@ -655,6 +701,15 @@ mod tests {
         assert_eq!(p.birth_time.as_deref(), Some("19750501"));
         assert_eq!(p.ids[0].extension.as_deref(), Some("111-00-2330"));
         assert_eq!(
+            p.name_parts,
+            vec![NameParts {
+                prefix: vec!["Ms.".into()],
+                given: vec!["Eve".into(), "B.".into()],
+                family: Some("Everywoman".into()),
+                suffix: vec![],
+            }]
+        );
+        assert_eq!(
             d.authors,
             vec![
                 "Henry Seven (Good Health Clinic)".to_string(),
@@ -769,6 +824,29 @@ mod tests {
             parse(&utf16, &Limits::default()).unwrap().title.as_deref(),
             Some("T")
         );
+    }
+
+    #[test]
+    fn service_event_period() {
+        let xml = std::fs::read(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../shared/fixtures/ccda/hl7-discharge-summary.xml"),
+        )
+        .unwrap();
+        let d = parse(&xml, &Limits::default()).unwrap();
+        assert_eq!(d.service_start.as_deref(), Some("201409091904-0500"));
+        assert_eq!(d.service_end.as_deref(), Some("201409161904-0500"));
+        let xml = std::fs::read(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../shared/fixtures/ccda/hl7-ccd-2.xml"),
+        )
+        .unwrap();
+        let d = parse(&xml, &Limits::default()).unwrap();
+        assert_eq!(d.service_start.as_deref(), Some("20141001"));
+        assert_eq!(d.service_end.as_deref(), Some("20141015103026-0500"));
+        // No documentationOf: nothing.
+        let d = parse(MINIMAL.as_bytes(), &Limits::default()).unwrap();
+        assert_eq!((d.service_start, d.service_end), (None, None));
     }
 
     #[test]

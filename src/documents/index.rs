@@ -19,8 +19,6 @@ pub const RULES: &str = "push";
 pub enum DocumentError {
     #[error("store: {0}")]
     Store(#[from] StoreError),
-    #[error("corrupt record {0}: {1}")]
-    Corrupt(String, String),
     #[error("no patient {0}")]
     NoPatient(String),
     #[error("patient {0} exists")]
@@ -80,12 +78,7 @@ fn get<T: for<'de> Deserialize<'de>>(
     kind: &str,
     key: &str,
 ) -> Result<Option<T>, DocumentError> {
-    match store.get_record(kind, key)? {
-        Some(v) => serde_json::from_slice(&v)
-            .map(Some)
-            .map_err(|e| DocumentError::Corrupt(format!("{kind} {key}"), e.to_string())),
-        None => Ok(None),
-    }
+    Ok(crate::store::get_json(store, kind, key)?)
 }
 
 fn put<T: Serialize>(
@@ -94,23 +87,14 @@ fn put<T: Serialize>(
     key: &str,
     value: &T,
 ) -> Result<(), DocumentError> {
-    let v =
-        serde_json::to_vec(value).map_err(|e| DocumentError::Corrupt(key.into(), e.to_string()))?;
-    Ok(store.put_record(kind, key, &v)?)
+    Ok(crate::store::put_json(store, kind, key, value)?)
 }
 
 fn all<T: for<'de> Deserialize<'de>>(
     store: &dyn Storage,
     kind: &str,
 ) -> Result<Vec<T>, DocumentError> {
-    store
-        .records(kind)?
-        .into_iter()
-        .map(|(k, v)| {
-            serde_json::from_slice(&v)
-                .map_err(|e| DocumentError::Corrupt(format!("{kind} {k}"), e.to_string()))
-        })
-        .collect()
+    Ok(crate::store::all_json(store, kind)?)
 }
 
 /// The C-CDA documents a message carries: MIME parts whose content is a

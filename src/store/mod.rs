@@ -171,3 +171,52 @@ pub trait Storage: Send + Sync {
     fn remove_record(&self, kind: &str, key: &str) -> Result<(), StoreError>;
     fn records(&self, kind: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
 }
+
+/// A record decoded from JSON; a value that does not decode is `Corrupt`,
+/// naming the kind and key.
+pub fn get_json<T: for<'de> serde::Deserialize<'de>>(
+    store: &dyn Storage,
+    kind: &str,
+    key: &str,
+) -> Result<Option<T>, StoreError> {
+    match store.get_record(kind, key)? {
+        Some(v) => serde_json::from_slice(&v)
+            .map(Some)
+            .map_err(|e| StoreError::Corrupt {
+                key: format!("{kind} {key}"),
+                why: e.to_string(),
+            }),
+        None => Ok(None),
+    }
+}
+
+/// Stores a record as JSON (durable on return).
+pub fn put_json<T: serde::Serialize>(
+    store: &dyn Storage,
+    kind: &str,
+    key: &str,
+    value: &T,
+) -> Result<(), StoreError> {
+    let v = serde_json::to_vec(value).map_err(|e| StoreError::Corrupt {
+        key: format!("{kind} {key}"),
+        why: e.to_string(),
+    })?;
+    store.put_record(kind, key, &v)
+}
+
+/// Every record of a kind, decoded from JSON.
+pub fn all_json<T: for<'de> serde::Deserialize<'de>>(
+    store: &dyn Storage,
+    kind: &str,
+) -> Result<Vec<T>, StoreError> {
+    store
+        .records(kind)?
+        .into_iter()
+        .map(|(k, v)| {
+            serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt {
+                key: format!("{kind} {k}"),
+                why: e.to_string(),
+            })
+        })
+        .collect()
+}

@@ -21,6 +21,8 @@ pub struct Node {
     pub submission_port: u16,
     pub imap_port: u16,
     pub pop3_port: u16,
+    /// Blue Button Plus Pull (OAuth2 + FHIR), plain HTTP.
+    pub pull_port: u16,
     pub child: Option<Child>,
     pub log: PathBuf,
     /// Extra environment for `serve` (HISPD__SECTION__KEY overrides).
@@ -40,6 +42,7 @@ impl Node {
             submission_port: free_port(),
             imap_port: free_port(),
             pop3_port: free_port(),
+            pull_port: free_port(),
             child: None,
             env: Vec::new(),
         }
@@ -274,7 +277,7 @@ fn write_config(
     std::fs::write(
         &node.config,
         format!(
-            "[server]\nhostname = \"mx.{d}\"\ndata_dir = \"data\"\nmx_listen = \"127.0.0.1:{mx}\"\nsubmission_listen = \"127.0.0.1:{sub}\"\nimap_listen = \"127.0.0.1:{imap}\"\npop3_listen = \"127.0.0.1:{pop3}\"\nlog_format = \"json\"\n\n\
+            "[server]\nhostname = \"mx.{d}\"\ndata_dir = \"data\"\nmx_listen = \"127.0.0.1:{mx}\"\nsubmission_listen = \"127.0.0.1:{sub}\"\nimap_listen = \"127.0.0.1:{imap}\"\npop3_listen = \"127.0.0.1:{pop3}\"\nlog_format = \"json\"\n\n[pull]\nlisten = \"127.0.0.1:{pull}\"\n\n\
              [delivery]\nport = {delivery_port}\nretry_base_secs = 1\nconnect_timeout_secs = 5\n\n\
              [discovery]\nsources = [\"local\", \"dns\"]\nnameservers = [{ns}]\ndns_timeout_ms = 2000\ncache_negative_ttl_secs = 0\n\n\
              [[domains]]\nname = \"{d}\"\n{relay}",
@@ -283,6 +286,7 @@ fn write_config(
             sub = node.submission_port,
             imap = node.imap_port,
             pop3 = node.pop3_port,
+            pull = node.pull_port,
         ),
     )
     .expect("config");
