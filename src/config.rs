@@ -118,6 +118,8 @@ struct RawServer {
     imap_listen: String,
     pop3_listen: String,
     log_format: String,
+    #[serde(default)]
+    submission_trusted_networks: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -217,6 +219,8 @@ pub struct ServerConfig {
     pub data_timeout: Duration,
     pub imap_listen: Option<std::net::SocketAddr>,
     pub pop3_listen: Option<std::net::SocketAddr>,
+    /// Clients that may submit without AUTH, from local domains only.
+    pub submission_trusted_networks: Vec<crate::smtp::server::Network>,
     pub json_logs: bool,
     /// As the sending HISP: how long to wait for processed/dispatched MDNs.
     pub mdn_timeout: Duration,
@@ -610,6 +614,13 @@ impl Settings {
             (!srv.pop3_listen.is_empty()).then(|| listen("server.pop3_listen", &srv.pop3_listen));
         let pull_listen =
             (!raw.pull.listen.is_empty()).then(|| listen("pull.listen", &raw.pull.listen));
+        let mut submission_trusted_networks = Vec::new();
+        for n in &srv.submission_trusted_networks {
+            match n.parse() {
+                Ok(net) => submission_trusted_networks.push(net),
+                Err(e) => problems.push(problem("server.submission_trusted_networks", e)),
+            }
+        }
         if !matches!(srv.log_format.as_str(), "human" | "json") {
             problems.push(problem(
                 "server.log_format",
@@ -637,6 +648,7 @@ impl Settings {
             command_timeout: Duration::from_secs(srv.command_timeout_secs.max(1)),
             data_timeout: Duration::from_secs(srv.data_timeout_secs.max(1)),
             imap_listen,
+            submission_trusted_networks,
             pop3_listen,
             json_logs: srv.log_format == "json",
             mdn_timeout: Duration::from_secs(raw.notify.mdn_timeout_secs.max(1)),

@@ -333,6 +333,13 @@ impl Hub {
         revocation::check_revoked(&chain, &outcome.crls, Self::now()).map_err(|e| e.to_string())
     }
 
+    /// Whether `address` is in one of our local domains.
+    fn is_local_address(&self, address: &str) -> bool {
+        DirectAddress::parse(address)
+            .ok()
+            .is_some_and(|a| self.agent().domain(a.domain()).is_some())
+    }
+
     /// Indexes the C-CDA documents a message carries and runs the patients'
     /// push rules for new ones (Blue Button Plus Push).
     pub(crate) fn documents_arrived(&self, message: &[u8]) {
@@ -523,21 +530,34 @@ impl Hub {
     }
 
     async fn accept_submission(&self, envelope: &Envelope, message: Vec<u8>) -> Reply {
-        let Some(user) = envelope
+        let user = envelope
             .auth_user
             .as_deref()
-            .and_then(|u| self.users.get(u).ok().flatten())
-        else {
-            return Reply::new(530, "5.7.0", "authentication required");
-        };
-        for from in from_addresses(&message) {
-            if !Users::may_send_as(&user, &from) {
-                return Reply::new(
-                    550,
-                    "5.7.1",
-                    format!("{} may not send as {from} (From header)", user.name),
-                );
+            .and_then(|u| self.users.get(u).ok().flatten());
+        match &user {
+            Some(user) => {
+                for from in from_addresses(&message) {
+                    if !Users::may_send_as(user, &from) {
+                        return Reply::new(
+                            550,
+                            "5.7.1",
+                            format!("{} may not send as {from} (From header)", user.name),
+                        );
+                    }
+                }
             }
+            None if envelope.trusted_relay && envelope.auth_user.is_none() => {
+                for from in from_addresses(&message) {
+                    if !self.is_local_address(&from) {
+                        return Reply::new(
+                            550,
+                            "5.7.1",
+                            format!("{from}: a trusted relay may only send from this HISP's domains (From header)"),
+                        );
+                    }
+                }
+            }
+            None => return Reply::new(530, "5.7.0", "authentication required"),
         }
         // Notifications refer to the Message-ID: it must exist before the first attempt.
         let message = match DirectAddress::parse(&envelope.mail_from)
@@ -712,6 +732,17 @@ impl SmtpHandler for Hub {
     ) -> Result<(), Reply> {
         match kind {
             ListenerKind::Mx => Ok(()),
+            ListenerKind::Submission if envelope.auth_user.is_none() && envelope.trusted_relay => {
+                if self.is_local_address(from) {
+                    Ok(())
+                } else {
+                    Err(Reply::new(
+                        553,
+                        "5.7.1",
+                        format!("{from}: a trusted relay may only send from this HISP's domains"),
+                    ))
+                }
+            }
             ListenerKind::Submission => {
                 let user = envelope
                     .auth_user
@@ -918,6 +949,7 @@ impl Daemon {
                 tls: Some(tls.clone()),
                 command_timeout: settings.server.command_timeout,
                 data_timeout: settings.server.data_timeout,
+                trusted_networks: settings.server.submission_trusted_networks.clone(),
             })
         };
         let mx_config = session(ListenerKind::Mx);

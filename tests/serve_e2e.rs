@@ -343,3 +343,65 @@ fn received_mail_goes_decrypted_to_the_domains_edge_relay() {
     );
     drop(net.bind.take());
 }
+
+/// An EHR relaying by IP (submission_trusted_networks): plain SMTP with no
+/// AUTH is accepted from A's own domain and sealed to B like any submission;
+/// a foreign sender is refused, envelope or From header.
+#[test]
+fn a_trusted_network_submits_without_auth_from_local_domains_only() {
+    let mut net = Net::new(|b| b.mx_port);
+    net.a.stop();
+    let config = std::fs::read_to_string(&net.a.config).expect("config");
+    std::fs::write(
+        &net.a.config,
+        config.replacen(
+            "[server]\n",
+            "[server]\nsubmission_trusted_networks = [\"127.0.0.0/8\", \"::1\"]\n",
+            1,
+        ),
+    )
+    .expect("config");
+    net.a.start();
+    let script = r#"
+import smtplib, sys, json
+port = int(sys.argv[1])
+out = []
+for sender, header_from in [("alice@a.example", "alice@a.example"), ("mallory@evil.example", "mallory@evil.example"), ("alice@a.example", "mallory@evil.example")]:
+    s = smtplib.SMTP("127.0.0.1", port, timeout=30)
+    s.ehlo("ehr.a.example")
+    try:
+        s.sendmail(sender, ["bob@b.example"], f"From: {header_from}\r\nTo: bob@b.example\r\nSubject: relay\r\nMessage-ID: <relay-{len(out)}@a.example>\r\n\r\nrelayed by IP\r\n")
+        out.append("ok")
+    except smtplib.SMTPException as e:
+        out.append(str(e))
+    s.close()
+print(json.dumps(out))
+"#;
+    let out = std::process::Command::new("python3")
+        .args(["-c", script, &net.a.submission_port.to_string()])
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let results: Vec<String> = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(results[0], "ok", "{results:?}");
+    assert!(
+        results[1].contains("553") && results[1].contains("trusted relay"),
+        "{results:?}"
+    );
+    assert!(
+        results[2].contains("550") && results[2].contains("From header"),
+        "{results:?}"
+    );
+    assert!(
+        net.b
+            .wait_log(Duration::from_secs(60), |l| l.contains("relay-0@a.example")
+                && l.contains("delivered")),
+        "B receives the relayed message\nA:\n{}\nB:\n{}",
+        net.a.log_text(),
+        net.b.log_text()
+    );
+}

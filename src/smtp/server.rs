@@ -76,6 +76,63 @@ pub struct Envelope {
     pub remote: Option<SocketAddr>,
     pub tls: bool,
     pub helo: String,
+    /// The client is in `submission_trusted_networks`: it may submit
+    /// without AUTH (an EHR relaying by IP, like Postfix's mynetworks).
+    pub trusted_relay: bool,
+}
+
+/// An IP network (`192.0.2.0/24`, `::1/128`, or a single address).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Network {
+    addr: std::net::IpAddr,
+    prefix: u8,
+}
+
+impl std::str::FromStr for Network {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Network, String> {
+        let (ip, prefix) = match s.split_once('/') {
+            Some((ip, p)) => (ip, Some(p)),
+            None => (s, None),
+        };
+        let addr: std::net::IpAddr = ip
+            .parse()
+            .map_err(|_| format!("{s:?} is not an IP network (e.g. 10.1.2.0/24)"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            Some(p) => p
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("{s:?}: the prefix length must be 0-{max}"))?,
+            None => max,
+        };
+        Ok(Network { addr, prefix })
+    }
+}
+
+impl Network {
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        let ip = match ip {
+            std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map(std::net::IpAddr::V4).unwrap_or(ip),
+            v4 => v4,
+        };
+        let (a, b, bits) = match (self.addr, ip) {
+            (std::net::IpAddr::V4(n), std::net::IpAddr::V4(i)) => {
+                (u32::from(n) as u128, u32::from(i) as u128, 32)
+            }
+            (std::net::IpAddr::V6(n), std::net::IpAddr::V6(i)) => {
+                (u128::from(n), u128::from(i), 128)
+            }
+            _ => return false,
+        };
+        let shift = bits - u32::from(self.prefix);
+        if shift >= 128 {
+            return true;
+        }
+        (a >> shift) == (b >> shift)
+    }
 }
 
 pub type HandlerFuture<'a> = Pin<Box<dyn Future<Output = Reply> + Send + 'a>>;
@@ -110,6 +167,8 @@ pub struct SessionConfig {
     pub tls: Option<Arc<openssl::ssl::SslAcceptor>>,
     pub command_timeout: Duration,
     pub data_timeout: Duration,
+    /// Clients that may submit without AUTH (submission listener only).
+    pub trusted_networks: Vec<Network>,
 }
 
 /// Session state that survives STARTTLS.
@@ -128,15 +187,24 @@ enum Next {
 const MAX_ERRORS: u32 = 20;
 
 /// Runs a whole session on `stream`, upgrading to TLS on STARTTLS.
-pub async fn serve_connection<H: SmtpHandler>(
-    stream: tokio::net::TcpStream,
+pub async fn serve_connection<H, S>(
+    stream: S,
     remote: SocketAddr,
     config: Arc<SessionConfig>,
     handler: Arc<H>,
-) {
+) where
+    H: SmtpHandler,
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let trusted_relay = config.kind == ListenerKind::Submission
+        && config
+            .trusted_networks
+            .iter()
+            .any(|n| n.contains(remote.ip()));
     let mut state = State {
         envelope: Envelope {
             remote: Some(remote),
+            trusted_relay,
             ..Envelope::default()
         },
         helo_done: false,
@@ -172,6 +240,7 @@ pub async fn serve_connection<H: SmtpHandler>(
             state.envelope = Envelope {
                 remote: Some(remote),
                 tls: true,
+                trusted_relay,
                 ..Envelope::default()
             };
             state.helo_done = false;
@@ -378,6 +447,7 @@ where
                     Reply::new(503, "5.5.1", "nested MAIL command")
                 } else if config.kind == ListenerKind::Submission
                     && state.envelope.auth_user.is_none()
+                    && !state.envelope.trusted_relay
                 {
                     Reply::new(530, "5.7.0", "authentication required")
                 } else if from.size > config.max_message_size {
@@ -634,6 +704,13 @@ mod tests {
     }
 
     async fn start(kind: ListenerKind) -> (SocketAddr, Arc<TestHandler>) {
+        start_with(kind, Vec::new()).await
+    }
+
+    async fn start_with(
+        kind: ListenerKind,
+        trusted_networks: Vec<Network>,
+    ) -> (SocketAddr, Arc<TestHandler>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let handler = Arc::new(TestHandler {
@@ -647,6 +724,7 @@ mod tests {
             tls: None,
             command_timeout: Duration::from_secs(5),
             data_timeout: Duration::from_secs(5),
+            trusted_networks,
         });
         let h = handler.clone();
         tokio::spawn(async move {
@@ -761,6 +839,59 @@ mod tests {
             b"Subject: hi\r\n\r\n.dot-stuffed line\r\n".to_vec()
         );
         assert!(c.cmd("QUIT").await.starts_with("221"));
+    }
+
+    #[test]
+    fn networks_parse_and_match() {
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        let n: Network = "10.1.0.0/16".parse().unwrap();
+        assert!(n.contains(ip("10.1.200.3")));
+        assert!(!n.contains(ip("10.2.0.1")));
+        assert!(!n.contains(ip("::1")));
+        // IPv4-mapped IPv6 peers match IPv4 networks.
+        assert!(n.contains(ip("::ffff:10.1.0.9")));
+        let one: Network = "127.0.0.1".parse().unwrap();
+        assert!(one.contains(ip("127.0.0.1")) && !one.contains(ip("127.0.0.2")));
+        let v6: Network = "2001:db8::/32".parse().unwrap();
+        assert!(v6.contains(ip("2001:db8:1::5")) && !v6.contains(ip("2001:db9::1")));
+        let all: Network = "0.0.0.0/0".parse().unwrap();
+        assert!(all.contains(ip("203.0.113.7")));
+        assert!("10.0.0.0/33".parse::<Network>().is_err());
+        assert!("ten/8".parse::<Network>().is_err());
+    }
+
+    #[tokio::test]
+    async fn trusted_networks_submit_without_auth() {
+        let (addr, handler) = start_with(
+            ListenerKind::Submission,
+            vec!["127.0.0.0/8".parse().unwrap()],
+        )
+        .await;
+        let mut c = Client::connect(addr).await;
+        assert!(c.cmd("EHLO ehr.example").await.starts_with("250"));
+        assert!(c
+            .cmd("MAIL FROM:<u@local.example>")
+            .await
+            .starts_with("250"));
+        assert!(c.cmd("RCPT TO:<b@local.example>").await.starts_with("250"));
+        assert!(c.cmd("DATA").await.starts_with("354"));
+        assert!(c
+            .cmd("Subject: hi\r\n\r\nbody\r\n.")
+            .await
+            .starts_with("250"));
+        assert_eq!(handler.messages.lock().unwrap().len(), 1);
+        // Another network is not trusted.
+        let (addr, _) = start_with(
+            ListenerKind::Submission,
+            vec!["10.0.0.0/8".parse().unwrap()],
+        )
+        .await;
+        let mut c = Client::connect(addr).await;
+        assert!(c.cmd("EHLO ehr.example").await.starts_with("250"));
+        assert!(c
+            .cmd("MAIL FROM:<u@local.example>")
+            .await
+            .starts_with("530 5.7.0"));
     }
 
     #[tokio::test]
