@@ -1458,12 +1458,12 @@ mod tests {
     #[test]
     fn pkce_matches_rfc7636_appendix_b() {
         assert_eq!(
-            pkce_s256("dBjftJeZ4CVP-mB92K27uhbUJU1p1r7wlgI2ZEqC8bCU"),
-            "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGUuRF5T0M"
+            pkce_s256("dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk"),
+            "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM"
         );
         // The appendix's verifier is 43 characters.
         assert!(valid_verifier(
-            "dBjftJeZ4CVP-mB92K27uhbUJU1p1r7wlgI2ZEqC8bCU"
+            "dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk"
         ));
         assert!(!valid_verifier("short"));
         assert!(!valid_verifier(&"a".repeat(129)));
