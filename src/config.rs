@@ -200,6 +200,7 @@ struct RawDelivery {
     retry_base_secs: u64,
     max_age_secs: u64,
     connect_timeout_secs: u64,
+    concurrency: usize,
 }
 
 /// Listener and daemon settings.
@@ -235,6 +236,8 @@ pub struct DeliveryConfig {
     pub retry_base: Duration,
     pub max_age: Duration,
     pub connect_timeout: Duration,
+    /// Deliveries in progress at once.
+    pub concurrency: usize,
 }
 
 #[derive(Debug, Deserialize)]
@@ -677,6 +680,7 @@ impl Settings {
             retry_base: Duration::from_secs(dl.retry_base_secs.max(1)),
             max_age: Duration::from_secs(dl.max_age_secs),
             connect_timeout: Duration::from_secs(dl.connect_timeout_secs.max(1)),
+            concurrency: dl.concurrency.max(1),
         };
         let mut bundles: Vec<BundleConfig> = Vec::new();
         for (i, b) in raw.bundles.iter().enumerate() {

@@ -1495,6 +1495,14 @@ fn serve(config: Option<&Path>) -> Result<ExitCode> {
         let mx = daemon.mx_addr();
         let submission = daemon.submission_addr();
         let pull = daemon.pull_addr();
+        // Signal handlers exist before anyone is told we are serving: a
+        // SIGHUP right after READY must reload, not kill.
+        use tokio::signal::unix::{signal, SignalKind};
+        let signals = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::hangup()),
+        );
         tracing::info!(?mx, ?submission, ?pull, "hispd serving");
         if let Some(password) = &daemon.dev_password {
             let sub = submission.map(|a| a.to_string()).unwrap_or_default();
@@ -1524,12 +1532,7 @@ fn serve(config: Option<&Path>) -> Result<ExitCode> {
             });
         }
         let shutdown = async move {
-            use tokio::signal::unix::{signal, SignalKind};
-            let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
-                signal(SignalKind::terminate()),
-                signal(SignalKind::interrupt()),
-                signal(SignalKind::hangup()),
-            ) else {
+            let (Ok(mut term), Ok(mut int), Ok(mut hup)) = signals else {
                 std::future::pending::<()>().await;
                 return;
             };

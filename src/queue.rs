@@ -16,10 +16,11 @@ use crate::smtp::client::{self, ClientConfig, Outcome, TlsPolicy};
 use crate::smtp::server::Reply;
 use crate::store::{Job, JobKind, RecipientState, RecipientStatus, Storage};
 use hickory_resolver::proto::rr::{RData, RecordType};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::task::JoinSet;
 
 /// The queue worker: outgoing and edge-relay jobs, retries, DSNs.
 pub struct Worker {
@@ -32,20 +33,21 @@ impl Worker {
     }
 }
 
+/// When a job's earliest pending recipient is due (Unix seconds); None when
+/// nothing is pending (the job only needs finishing).
+fn due(job: &Job) -> Option<i64> {
+    job.recipients
+        .iter()
+        .filter(|r| r.status == RecipientStatus::Pending)
+        .map(|r| r.next_attempt)
+        .min()
+}
+
 impl Worker {
     fn backoff(&self, attempts: u32) -> i64 {
         let base = self.hub.settings.delivery.retry_base.as_secs() as i64;
         let shift = attempts.saturating_sub(1).min(16);
         (base.saturating_mul(1i64 << shift)).min(3600)
-    }
-
-    /// When the earliest pending recipient is due (Unix seconds).
-    fn next_due(jobs: &[Job]) -> Option<i64> {
-        jobs.iter()
-            .flat_map(|j| j.recipients.iter())
-            .filter(|r| r.status == RecipientStatus::Pending)
-            .map(|r| r.next_attempt)
-            .min()
     }
 
     fn read_jobs(&self) -> Vec<Job> {
@@ -55,22 +57,67 @@ impl Worker {
         })
     }
 
+    /// Delivers due jobs, up to `delivery.concurrency` at a time. Jobs just
+    /// queued arrive on the hub's channel (no queue scan per message); the
+    /// whole queue is scanned for retries when the earliest one is due, at
+    /// most every 200 ms and at least once a minute.
     pub async fn run(self) {
+        let limit = self.hub.settings.delivery.concurrency.max(1);
+        let mut fresh = self
+            .hub
+            .fresh_rx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let mut in_flight: HashSet<String> = HashSet::new();
+        let mut tasks: JoinSet<()> = JoinSet::new();
+        let mut task_jobs: HashMap<tokio::task::Id, String> = HashMap::new();
+        let mut ready: VecDeque<Job> = VecDeque::new();
+        let mut ready_ids: HashSet<String> = HashSet::new();
+        let mut next_scan = tokio::time::Instant::now();
         let mut last_timeout_check = 0i64;
         loop {
-            let now = Hub::now();
-            for job in self.read_jobs() {
-                let due = job
-                    .recipients
-                    .iter()
-                    .filter(|r| r.status == RecipientStatus::Pending)
-                    .map(|r| r.next_attempt)
-                    .min();
-                match due {
-                    Some(t) if t <= now => self.process(job).await,
-                    Some(_) => {}
-                    None => self.finish(job).await,
+            let now = tokio::time::Instant::now();
+            if now >= next_scan {
+                let t = Hub::now();
+                let jobs = self.read_jobs();
+                for job in &jobs {
+                    if in_flight.contains(&job.id) || ready_ids.contains(&job.id) {
+                        continue;
+                    }
+                    if due(job).is_none_or(|d| d <= t) {
+                        ready_ids.insert(job.id.clone());
+                        ready.push_back(job.clone());
+                    }
                 }
+                let wait = jobs
+                    .iter()
+                    .filter(|j| !in_flight.contains(&j.id))
+                    .filter_map(due)
+                    .filter(|d| *d > t)
+                    .min()
+                    .map(|d| Duration::from_secs((d - t).clamp(0, 60) as u64))
+                    .unwrap_or(Duration::from_secs(60));
+                next_scan = now + wait.max(Duration::from_millis(200));
+            }
+            while tasks.len() < limit {
+                let Some(job) = ready.pop_front() else { break };
+                ready_ids.remove(&job.id);
+                if !in_flight.insert(job.id.clone()) {
+                    continue;
+                }
+                let worker = Worker {
+                    hub: self.hub.clone(),
+                };
+                let id = job.id.clone();
+                let handle = tasks.spawn(async move {
+                    if due(&job).is_some() {
+                        worker.process(job).await;
+                    } else {
+                        worker.finish(job).await;
+                    }
+                });
+                task_jobs.insert(handle.id(), id);
             }
             // Timeouts are in seconds: no need to read every tracking record
             // on each wake-up of a busy queue.
@@ -78,15 +125,42 @@ impl Worker {
                 last_timeout_check = Hub::now();
                 self.check_notification_timeouts().await;
             }
-            // Decide the wait from the queue as it is now, after this round's
-            // attempts set their own next times.
-            // At least a short pause, so a job that cannot be saved does not spin.
-            let wait = Self::next_due(&self.read_jobs())
-                .map(|t| {
-                    Duration::from_millis(((t - Hub::now()).clamp(0, 60) as u64 * 1000).max(200))
-                })
-                .unwrap_or(Duration::from_secs(60));
-            let _ = tokio::time::timeout(wait, self.hub.wake.notified()).await;
+            let sleep = tokio::time::sleep_until(
+                next_scan.min(tokio::time::Instant::now() + Duration::from_secs(1)),
+            );
+            tokio::select! {
+                done = tasks.join_next_with_id(), if !tasks.is_empty() => {
+                    let id = match done {
+                        Some(Ok((id, ()))) => Some(id),
+                        Some(Err(e)) => {
+                            tracing::error!("a delivery task failed: {e}");
+                            Some(e.id())
+                        }
+                        None => None,
+                    };
+                    if let Some(job) = id.and_then(|id| task_jobs.remove(&id)) {
+                        in_flight.remove(&job);
+                        // A job still pending is rescheduled by the next scan.
+                        next_scan = next_scan.min(tokio::time::Instant::now() + Duration::from_millis(200));
+                    }
+                }
+                job = async {
+                    match fresh.as_mut() {
+                        Some(rx) => rx.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    match job {
+                        Some(job) => {
+                            if !in_flight.contains(&job.id) && ready_ids.insert(job.id.clone()) {
+                                ready.push_back(job);
+                            }
+                        }
+                        None => fresh = None,
+                    }
+                }
+                _ = sleep => {}
+            }
         }
     }
 

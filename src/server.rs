@@ -58,6 +58,9 @@ pub struct Hub {
     pub(crate) store: Arc<SledStore>,
     pub(crate) users: Users,
     pub(crate) wake: Notify,
+    /// Jobs just queued, handed to the queue worker without a queue scan.
+    pub(crate) fresh: tokio::sync::mpsc::UnboundedSender<crate::store::Job>,
+    pub(crate) fresh_rx: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<crate::store::Job>>>,
     pub(crate) changes: tokio::sync::broadcast::Sender<String>,
     /// The configuration file, for reloads.
     pub(crate) config_path: Option<std::path::PathBuf>,
@@ -239,7 +242,7 @@ impl Hub {
                     return Reply::new(451, "4.3.0", format!("local storage error: {e}"));
                 }
                 tracing::info!(job = %job.id, relay = %relay, "queued for the edge relay");
-                self.wake.notify_one();
+                self.queued(&job);
             } else {
                 for r in &rcpts {
                     match self.store.deliver_local(
@@ -333,6 +336,12 @@ impl Hub {
         revocation::check_revoked(&chain, &outcome.crls, Self::now()).map_err(|e| e.to_string())
     }
 
+    /// Hands a job just stored in the queue to the worker.
+    pub(crate) fn queued(&self, job: &crate::store::Job) {
+        let _ = self.fresh.send(job.clone());
+        self.wake.notify_one();
+    }
+
     /// Whether `address` is in one of our local domains.
     fn is_local_address(&self, address: &str) -> bool {
         DirectAddress::parse(address)
@@ -424,7 +433,7 @@ impl Hub {
                                 entry.key, patient.id, rule.to, rule.id
                             ),
                         );
-                        self.wake.notify_one();
+                        self.queued(&job);
                     }
                     Err(e) => tracing::error!("queueing a push: {e}"),
                 }
@@ -523,7 +532,7 @@ impl Hub {
         match self.store.enqueue(&job) {
             Ok(()) => {
                 tracing::info!(job = %job.id, original = %m.original_message_id, to = %m.to, disposition = m.disposition.as_str(), "MDN queued");
-                self.wake.notify_one();
+                self.queued(&job);
             }
             Err(e) => tracing::error!("queueing an MDN: {e}"),
         }
@@ -607,7 +616,7 @@ impl Hub {
             message_id = job.message_id.as_deref().unwrap_or("-"),
             "accepted for delivery"
         );
-        self.wake.notify_one();
+        self.queued(&job);
         self.documents_arrived(&message);
         Reply::new(250, "2.0.0", format!("queued as {}", job.id))
     }
@@ -992,12 +1001,15 @@ impl Daemon {
             tls: Some(tls.clone()),
             timeout: Duration::from_secs(30 * 60),
         });
+        let (fresh, fresh_rx) = tokio::sync::mpsc::unbounded_channel();
         let hub = Arc::new(Hub {
             agent: RwLock::new(Arc::new(agent)),
             discovery: RwLock::new(Arc::new(discovery)),
             store,
             users,
             wake: Notify::new(),
+            fresh,
+            fresh_rx: Mutex::new(Some(fresh_rx)),
             edge_relays,
             per_ip: Mutex::new(HashMap::new()),
             changes: tokio::sync::broadcast::channel(256).0,

@@ -27,6 +27,8 @@ pub struct Node {
     pub log: PathBuf,
     /// Extra environment for `serve` (HISPD__SECTION__KEY overrides).
     pub env: Vec<(String, String)>,
+    /// Starts so far (the log is appended to across restarts).
+    starts: usize,
 }
 
 impl Node {
@@ -45,6 +47,7 @@ impl Node {
             pull_port: free_port(),
             child: None,
             env: Vec::new(),
+            starts: 0,
         }
     }
 
@@ -84,9 +87,13 @@ impl Node {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
+            // Listening is not enough: signals (HUP) are handled only once
+            // the daemon says it is serving.
             if std::net::TcpStream::connect(("127.0.0.1", self.submission_port)).is_ok()
                 && std::net::TcpStream::connect(("127.0.0.1", self.mx_port)).is_ok()
+                && self.log_text().matches("hispd serving").count() > self.starts
             {
+                self.starts += 1;
                 return;
             }
             if let Some(c) = self.child.as_mut() {
