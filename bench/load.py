@@ -292,7 +292,9 @@ def one_run(mode, size, count, concurrency, floor=None):
             da, db = hisp_pair(root, ports["bmx"] if mode == "c" else ports["sink"], ports, max_size)
             for name, d in [("a", da)] + ([("b", db)] if mode == "c" else []):
                 logs[name] = os.path.join(root, f"{name}.log")
-                p = subprocess.Popen([HISPD, "--config", os.path.join(d, "hispd.toml"), "serve"], stdout=subprocess.DEVNULL, stderr=open(logs[name], "w"), env={**os.environ, "HISPD_LOG": "info"})
+                # HISPD_WRAP: a profiler to run hispd under (e.g. "valgrind --tool=massif").
+                wrap = os.environ.get("HISPD_WRAP", "").split()
+                p = subprocess.Popen([*wrap, HISPD, "--config", os.path.join(d, "hispd.toml"), "serve"], stdout=subprocess.DEVNULL, stderr=open(logs[name], "w"), env={**os.environ, "HISPD_LOG": "info"})
                 procs.append(p)
                 pids.append(p.pid)
             wait_port(ports["asub"])

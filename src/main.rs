@@ -1484,6 +1484,7 @@ fn init_logging(json: bool) {
 }
 
 fn serve(config: Option<&Path>) -> Result<ExitCode> {
+    hispd::server::tune_allocator();
     let settings = settings(config)?;
     init_logging(settings.server.json_logs);
     let runtime = tokio::runtime::Builder::new_multi_thread()

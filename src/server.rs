@@ -46,6 +46,26 @@ pub enum ServeError {
     Bootstrap(String),
 }
 
+/// Large buffers (message copies while sealing and opening) are returned to
+/// the system when freed. glibc raises its mmap threshold after the first
+/// large free, and from then on serves multi-megabyte buffers from per-thread
+/// arenas that keep the memory: a few large messages left the daemon's RSS
+/// at several times their size. A fixed threshold keeps them mmapped.
+pub fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        extern "C" {
+            fn mallopt(param: std::ffi::c_int, value: std::ffi::c_int) -> std::ffi::c_int;
+        }
+        const M_MMAP_THRESHOLD: std::ffi::c_int = -3;
+        // SAFETY: mallopt only changes allocator parameters; called once at
+        // start-up before the runtime's threads exist.
+        unsafe {
+            mallopt(M_MMAP_THRESHOLD, 256 * 1024);
+        }
+    }
+}
+
 /// The development domain `hispd serve` creates when none is configured.
 pub const DEV_DOMAIN: &str = "direct.test";
 pub const DEV_USER: &str = "demo@direct.test";

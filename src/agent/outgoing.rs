@@ -241,8 +241,40 @@ impl Agent {
         };
 
         let (original, message_id) = complete_headers(req.message, &req.from)?;
+        // The outer headers first: then each large buffer (original, wrapped,
+        // signed, encrypted) is dropped as soon as the next one exists.
+        let mut outer = Vec::with_capacity(1024);
+        {
+            let original_entity = mime::Entity::parse(&original)?;
+            for name in OUTER_HEADERS {
+                for h in original_entity
+                    .headers
+                    .iter()
+                    .filter(|h| h.name.eq_ignore_ascii_case(name))
+                {
+                    outer.extend_from_slice(&mime::to_crlf(&h.raw));
+                }
+            }
+            match &settings.outer_subject {
+                OuterSubject::Hide(text) => {
+                    outer.extend_from_slice(format!("Subject: {text}\r\n").as_bytes())
+                }
+                OuterSubject::Copy => {
+                    for h in original_entity
+                        .headers
+                        .iter()
+                        .filter(|h| h.name.eq_ignore_ascii_case("Subject"))
+                    {
+                        outer.extend_from_slice(&mime::to_crlf(&h.raw));
+                    }
+                }
+            }
+        }
+        outer.extend_from_slice(b"MIME-Version: 1.0\r\n");
         let wrapped = smime::wrap(&original);
+        drop(original);
         let signed = smime::sign(&wrapped, &signer.credential, settings.digest)?;
+        drop(wrapped);
         let mut certs: Vec<X509> = Vec::new();
         for (_, usable, _) in &per_recipient {
             for u in usable {
@@ -256,34 +288,10 @@ impl Agent {
             }
         }
         let der = smime::encrypt(&signed, &certs, settings.cipher, settings.key_transport)?;
-
-        let original_entity = mime::Entity::parse(&original)?;
-        let mut out = Vec::with_capacity(der.len() * 4 / 3 + 1024);
-        for name in OUTER_HEADERS {
-            for h in original_entity
-                .headers
-                .iter()
-                .filter(|h| h.name.eq_ignore_ascii_case(name))
-            {
-                out.extend_from_slice(&mime::to_crlf(&h.raw));
-            }
-        }
-        match &settings.outer_subject {
-            OuterSubject::Hide(text) => {
-                out.extend_from_slice(format!("Subject: {text}\r\n").as_bytes())
-            }
-            OuterSubject::Copy => {
-                for h in original_entity
-                    .headers
-                    .iter()
-                    .filter(|h| h.name.eq_ignore_ascii_case("Subject"))
-                {
-                    out.extend_from_slice(&mime::to_crlf(&h.raw));
-                }
-            }
-        }
-        out.extend_from_slice(b"MIME-Version: 1.0\r\n");
-        out.extend_from_slice(&smime::enveloped_entity(&der));
+        drop(signed);
+        let mut out = outer;
+        smime::enveloped_entity_into(&der, &mut out);
+        drop(der);
 
         let report = SealReport {
             signer: CertSummary::of(&signer.credential.cert),

@@ -362,13 +362,26 @@ pub fn decode_base64(data: &[u8]) -> Result<Vec<u8>, MimeError> {
 
 /// Base64 in 76-character lines with CRLF, as RFC 2045 asks.
 pub fn encode_base64_lines(data: &[u8]) -> Vec<u8> {
-    let encoded = base64::engine::general_purpose::STANDARD.encode(data);
-    let mut out = Vec::with_capacity(encoded.len() + encoded.len() / 76 * 2 + 2);
-    for chunk in encoded.as_bytes().chunks(76) {
-        out.extend_from_slice(chunk);
+    let lines = data.len().div_ceil(57);
+    let mut out = Vec::with_capacity(lines * 78);
+    encode_base64_lines_into(data, &mut out);
+    out
+}
+
+/// [`encode_base64_lines`] appending to `out`, without an intermediate copy
+/// of the whole encoding (large messages: one buffer less).
+pub fn encode_base64_lines_into(data: &[u8], out: &mut Vec<u8>) {
+    use base64::Engine;
+    out.reserve(data.len().div_ceil(57) * 78);
+    let mut line = [0u8; 76];
+    for chunk in data.chunks(57) {
+        // 57 bytes make exactly 76 characters; the last chunk fewer.
+        let n = base64::engine::general_purpose::STANDARD
+            .encode_slice(chunk, &mut line)
+            .expect("57 bytes encode to at most 76 characters");
+        out.extend_from_slice(&line[..n]);
         out.extend_from_slice(b"\r\n");
     }
-    out
 }
 
 /// Converts every line ending (LF or CRLF; a lone CR stays) to CRLF,
@@ -408,6 +421,25 @@ pub fn new_boundary() -> String {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn base64_lines_are_76_characters_of_the_standard_encoding() {
+        use base64::Engine;
+        for len in [0usize, 1, 2, 3, 56, 57, 58, 113, 114, 115, 1000, 4096] {
+            let data: Vec<u8> = (0..len).map(|i| (i * 7 + 3) as u8).collect();
+            let out = encode_base64_lines(&data);
+            let text = String::from_utf8(out).unwrap();
+            let lines: Vec<&str> = text.split("\r\n").collect();
+            assert_eq!(lines.last(), Some(&""), "ends with CRLF");
+            assert!(lines.iter().all(|l| l.len() <= 76));
+            assert_eq!(
+                lines.concat(),
+                base64::engine::general_purpose::STANDARD.encode(&data),
+                "length {len}"
+            );
+        }
+    }
+
     use super::*;
 
     #[test]

@@ -6,7 +6,7 @@ pub mod ffi;
 pub mod mime;
 
 use crate::pki::Credential;
-use mime::{encode_base64_lines, to_crlf, Entity, MimeError};
+use mime::{to_crlf, Entity, MimeError};
 use openssl::cms::{CMSOptions, CmsContentInfo};
 use openssl::hash::MessageDigest;
 use openssl::nid::Nid;
@@ -203,7 +203,7 @@ pub fn sign(
     out.extend_from_slice(
         b"Content-Type: application/pkcs7-signature; name=\"smime.p7s\"\r\nContent-Transfer-Encoding: base64\r\nContent-Disposition: attachment; filename=\"smime.p7s\"\r\n\r\n",
     );
-    out.extend_from_slice(&encode_base64_lines(&der));
+    mime::encode_base64_lines_into(&der, &mut out);
     out.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
     Ok(out)
 }
@@ -226,9 +226,15 @@ pub fn encrypt(
 
 /// The MIME headers of an enveloped-data body, followed by the base64 body.
 pub fn enveloped_entity(der: &[u8]) -> Vec<u8> {
-    let mut out = b"Content-Type: application/pkcs7-mime; smime-type=enveloped-data; name=\"smime.p7m\"\r\nContent-Transfer-Encoding: base64\r\nContent-Disposition: attachment; filename=\"smime.p7m\"\r\n\r\n".to_vec();
-    out.extend_from_slice(&encode_base64_lines(der));
+    let mut out = Vec::new();
+    enveloped_entity_into(der, &mut out);
     out
+}
+
+/// [`enveloped_entity`] appended to `out` (no intermediate copy).
+pub fn enveloped_entity_into(der: &[u8], out: &mut Vec<u8>) {
+    out.extend_from_slice(b"Content-Type: application/pkcs7-mime; smime-type=enveloped-data; name=\"smime.p7m\"\r\nContent-Transfer-Encoding: base64\r\nContent-Disposition: attachment; filename=\"smime.p7m\"\r\n\r\n");
+    mime::encode_base64_lines_into(der, out);
 }
 
 /// What kind of encryption an incoming message used.
