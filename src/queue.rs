@@ -505,6 +505,7 @@ impl Worker {
             connect_timeout: settings.delivery.connect_timeout,
             command_timeout: Duration::from_secs(300),
             data_timeout: Duration::from_secs(600),
+            reuse_connections: true,
         };
         let mut last = rcpts
             .iter()

@@ -34,6 +34,7 @@ fn config(tls: TlsPolicy) -> ClientConfig {
         connect_timeout: Duration::from_secs(10),
         command_timeout: Duration::from_secs(20),
         data_timeout: Duration::from_secs(20),
+        reuse_connections: false,
     }
 }
 
@@ -408,6 +409,9 @@ struct Script {
     inject_after_starttls: Option<&'static str>,
     /// Reply to DATA (default 354).
     data_reply: Option<&'static str>,
+    /// Close the connection right after accepting a message (as a server
+    /// whose idle timeout ends a cached connection).
+    close_after_message: bool,
 }
 
 /// What a scripted server saw.
@@ -565,6 +569,10 @@ async fn converse<S: AsyncRead + AsyncWrite + Unpin>(
                     message.extend_from_slice(unstuffed);
                 }
                 seen.lock().unwrap().messages.push(message);
+                if script.close_after_message {
+                    let _ = stream.get_mut().write_all(b"250 2.0.0 queued\r\n").await;
+                    return Next::Done;
+                }
                 "250 2.0.0 queued\r\n".into()
             }
             "QUIT" => {
@@ -1053,4 +1061,88 @@ async fn a_server_that_hangs_up_at_once_fails_temporarily() {
     )
     .await;
     assert_all(&report, Outcome::is_temporary);
+}
+
+#[tokio::test]
+async fn with_reuse_one_tls_connection_carries_several_messages() {
+    let (_, acceptor) = self_signed("mx.test");
+    let server = ScriptedServer::start(Script {
+        tls: Some(acceptor),
+        pipelining: true,
+        ..Script::default()
+    })
+    .await;
+    let mut cfg = config(TlsPolicy::Opportunistic);
+    cfg.reuse_connections = true;
+    // A HELO name of its own: the cache is process-wide.
+    cfg.helo_name = "reuse-tls.test".into();
+    let to = recipients(&["bob@a.test"]);
+    for i in 0..3 {
+        let message = format!("Subject: {i}\r\n\r\nbody {i}\r\n");
+        let report = deliver(
+            server.addr,
+            "mx.test",
+            &cfg,
+            &envelope(&to),
+            message.as_bytes(),
+        )
+        .await;
+        assert_all(&report, Outcome::is_completed);
+        assert!(report.tls, "message {i} went over TLS");
+    }
+    assert_eq!(server.seen().connections, 1);
+    assert_eq!(server.seen().tls_sessions, 1);
+    assert_eq!(server.seen().messages.len(), 3);
+    let commands = server.commands();
+    assert_eq!(
+        commands.iter().filter(|c| c.contains("MAIL FROM")).count(),
+        3
+    );
+    assert_eq!(commands.iter().filter(|c| c.contains("EHLO")).count(), 2);
+    assert!(!commands.iter().any(|c| c.contains("QUIT")));
+}
+
+#[tokio::test]
+async fn a_cached_connection_the_server_closed_is_replaced_without_failing() {
+    let server = ScriptedServer::start(Script {
+        close_after_message: true,
+        ..Script::default()
+    })
+    .await;
+    let mut cfg = config(TlsPolicy::Never);
+    cfg.reuse_connections = true;
+    cfg.helo_name = "reuse-stale.test".into();
+    let to = recipients(&["bob@a.test"]);
+    for i in 0..3 {
+        let report = deliver(
+            server.addr,
+            "mx.test",
+            &cfg,
+            &envelope(&to),
+            b"Subject: x\r\n\r\nx\r\n",
+        )
+        .await;
+        assert_all(&report, Outcome::is_completed);
+        assert_eq!(server.seen().messages.len(), i + 1);
+    }
+    assert_eq!(server.seen().connections, 3);
+}
+
+#[tokio::test]
+async fn without_reuse_each_message_has_its_own_connection_and_quit() {
+    let server = ScriptedServer::start(Script::default()).await;
+    let to = recipients(&["bob@a.test"]);
+    for _ in 0..2 {
+        let report = deliver(
+            server.addr,
+            "mx.test",
+            &config(TlsPolicy::Never),
+            &envelope(&to),
+            b"Subject: x\r\n\r\nx\r\n",
+        )
+        .await;
+        assert_all(&report, Outcome::is_completed);
+    }
+    assert_eq!(server.seen().connections, 2);
+    assert_eq!(server.commands().iter().filter(|c| *c == "QUIT").count(), 2);
 }

@@ -37,7 +37,7 @@ const WRITE_CHUNK: usize = 64 * 1024;
 const QUIT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// When to use STARTTLS.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum TlsPolicy {
     /// Never send STARTTLS, even when offered.
     Never,
@@ -66,6 +66,10 @@ pub struct ClientConfig {
     pub command_timeout: Duration,
     /// The reply to the final "." (RFC 5321 §4.5.3.2.6: 10 minutes).
     pub data_timeout: Duration,
+    /// Keep a connection after a delivered message and use it for the next
+    /// message to the same server (within [`IDLE_REUSE`]), as Postfix's
+    /// connection cache does: no new TCP, EHLO and TLS handshake per message.
+    pub reuse_connections: bool,
 }
 
 impl ClientConfig {
@@ -79,6 +83,7 @@ impl ClientConfig {
             connect_timeout: Duration::from_secs(30),
             command_timeout: Duration::from_secs(5 * 60),
             data_timeout: Duration::from_secs(10 * 60),
+            reuse_connections: false,
         }
     }
 }
@@ -240,6 +245,33 @@ async fn run(
     message: &[u8],
     attempt: &mut Attempt<'_>,
 ) -> Result<(), SessionError> {
+    let key = CacheKey {
+        addr,
+        host: host.to_string(),
+        helo: config.helo_name.clone(),
+        policy,
+        verify: config.verify_tls,
+        ca_file: config.ca_file.clone(),
+    };
+    if config.reuse_connections {
+        while let Some(idle) = idle_connections().take(&key) {
+            let mut session = Session::new(idle.conn, config);
+            let result = session
+                .transaction(&idle.capabilities, envelope, message, attempt)
+                .await;
+            match result {
+                // The server closed the idle connection: nothing was
+                // decided, so try another one or a fresh connection.
+                Err(ref e) if e.stale_connection() && attempt.untouched() => continue,
+                result => {
+                    attempt.tls = idle.tls;
+                    return session
+                        .release(result, idle.capabilities, idle.tls, key)
+                        .await;
+                }
+            }
+        }
+    }
     let tcp = match tokio::time::timeout(config.connect_timeout, TcpStream::connect(addr)).await {
         Err(_) => return Err(SessionError::ConnectTimeout(config.connect_timeout)),
         Ok(Err(e)) => return Err(SessionError::Connect(e)),
@@ -260,7 +292,8 @@ async fn run(
                 .read_reply(Stage::StartTls, config.command_timeout)
                 .await?;
             if reply.code == 220 {
-                let mut secure = session.start_tls(host).await?;
+                let secure = session.start_tls(host).await?;
+                let mut secure = Session::new(Conn::Tls(Box::new(secure.stream)), config);
                 attempt.tls = true;
                 // RFC 3207 §4.2: forget what was learnt before TLS.
                 let capabilities = match secure.hello().await {
@@ -270,7 +303,7 @@ async fn run(
                 let result = secure
                     .transaction(&capabilities, envelope, message, attempt)
                     .await;
-                return secure.close_with(result).await;
+                return secure.release(result, capabilities, true, key).await;
             }
             if policy == TlsPolicy::Required {
                 let e = SessionError::TlsPolicy(format!("STARTTLS refused by the server: {reply}"));
@@ -288,7 +321,124 @@ async fn run(
     let result = session
         .transaction(&capabilities, envelope, message, attempt)
         .await;
-    session.close_with(result).await
+    let session = Session {
+        stream: Conn::Plain(session.stream),
+        pending: session.pending,
+        config,
+        reusable: session.reusable,
+    };
+    session.release(result, capabilities, false, key).await
+}
+
+/// How long a connection may wait in the cache for its next message.
+pub const IDLE_REUSE: Duration = Duration::from_secs(10);
+/// Idle connections kept per server.
+const IDLE_PER_SERVER: usize = 16;
+
+/// A connection to one server with one configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct CacheKey {
+    addr: SocketAddr,
+    host: String,
+    helo: String,
+    policy: TlsPolicy,
+    verify: bool,
+    ca_file: Option<PathBuf>,
+}
+
+/// A plain or TLS connection, for the cache.
+enum Conn {
+    Plain(TcpStream),
+    Tls(Box<SslStream<TcpStream>>),
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_flush(cx),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+struct Idle {
+    conn: Conn,
+    capabilities: Capabilities,
+    tls: bool,
+    since: std::time::Instant,
+}
+
+#[derive(Default)]
+struct IdleConnections {
+    by_server: std::sync::Mutex<std::collections::HashMap<CacheKey, Vec<Idle>>>,
+}
+
+impl IdleConnections {
+    fn take(&self, key: &CacheKey) -> Option<Idle> {
+        let mut map = self.by_server.lock().unwrap_or_else(|p| p.into_inner());
+        let list = map.get_mut(key)?;
+        while let Some(idle) = list.pop() {
+            if idle.since.elapsed() < IDLE_REUSE {
+                return Some(idle);
+            }
+        }
+        None
+    }
+
+    fn put(&self, key: CacheKey, idle: Idle) {
+        let mut map = self.by_server.lock().unwrap_or_else(|p| p.into_inner());
+        // Expired connections anywhere are closed (dropped) on the way.
+        for list in map.values_mut() {
+            list.retain(|i| i.since.elapsed() < IDLE_REUSE);
+        }
+        map.retain(|_, list| !list.is_empty());
+        let list = map.entry(key).or_default();
+        if list.len() < IDLE_PER_SERVER {
+            list.push(idle);
+        }
+    }
+}
+
+fn idle_connections() -> &'static IdleConnections {
+    static IDLE: std::sync::OnceLock<IdleConnections> = std::sync::OnceLock::new();
+    IDLE.get_or_init(IdleConnections::default)
 }
 
 /// Where each recipient stands during one attempt.
@@ -325,6 +475,13 @@ impl<'a> Attempt<'a> {
                 *state = RecipientState::Done(outcome.clone());
             }
         }
+    }
+
+    /// No recipient has an answer yet.
+    fn untouched(&self) -> bool {
+        self.recipients
+            .iter()
+            .all(|(_, state)| matches!(state, RecipientState::Pending))
     }
 
     fn finish_accepted(&mut self, outcome: &Outcome) {
@@ -435,6 +592,17 @@ impl SessionError {
             SessionError::Decided(outcome) => outcome.clone(),
             other => Outcome::TemporaryFailure(other.to_string()),
         }
+    }
+
+    /// The connection died under us (a cached connection the server
+    /// closed while idle).
+    fn stale_connection(&self) -> bool {
+        matches!(
+            self,
+            SessionError::Io { .. }
+                | SessionError::Closed { .. }
+                | SessionError::ReplyTimeout { .. }
+        )
     }
 
     /// Can we still say QUIT on this connection?
@@ -576,6 +744,9 @@ struct Session<'c, S> {
     /// Bytes read but not yet consumed as reply lines.
     pending: Vec<u8>,
     config: &'c ClientConfig,
+    /// The last transaction ended with the message accepted: the
+    /// connection is ready for the next MAIL.
+    reusable: bool,
 }
 
 impl<'c, S: AsyncRead + AsyncWrite + Unpin> Session<'c, S> {
@@ -584,6 +755,7 @@ impl<'c, S: AsyncRead + AsyncWrite + Unpin> Session<'c, S> {
             stream,
             pending: Vec::new(),
             config,
+            reusable: false,
         }
     }
 
@@ -695,6 +867,7 @@ impl<'c, S: AsyncRead + AsyncWrite + Unpin> Session<'c, S> {
             return Ok(());
         }
 
+        self.reusable = false;
         let mut mail = format!("MAIL FROM:<{}>", envelope.mail_from);
         if capabilities.size.is_some() {
             mail.push_str(&format!(" SIZE={size}"));
@@ -797,6 +970,7 @@ impl<'c, S: AsyncRead + AsyncWrite + Unpin> Session<'c, S> {
         }
         tracing::debug!(%reply, "message accepted");
         attempt.finish_accepted(&Outcome::Completed);
+        self.reusable = true;
         Ok(())
     }
 
@@ -980,6 +1154,36 @@ impl<'c, S: AsyncRead + AsyncWrite + Unpin> Session<'c, S> {
             "TLS established"
         );
         Ok(Session::new(stream, config))
+    }
+}
+
+impl Session<'_, Conn> {
+    /// After a transaction: keep the connection for the next message when
+    /// reuse is on and the message went through, else end it as usual.
+    async fn release(
+        mut self,
+        result: Result<(), SessionError>,
+        capabilities: Capabilities,
+        tls: bool,
+        key: CacheKey,
+    ) -> Result<(), SessionError> {
+        if self.config.reuse_connections
+            && result.is_ok()
+            && self.reusable
+            && self.pending.is_empty()
+        {
+            idle_connections().put(
+                key,
+                Idle {
+                    conn: self.stream,
+                    capabilities,
+                    tls,
+                    since: std::time::Instant::now(),
+                },
+            );
+            return result;
+        }
+        self.close_with(result).await
     }
 }
 
