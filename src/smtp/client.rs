@@ -1262,15 +1262,24 @@ async fn tls_context(host: &str, config: &ClientConfig) -> Result<openssl::ssl::
 
 /// The DATA content as sent: line ends normalised to CRLF, dot-stuffed,
 /// ending in CRLF (the "." line is sent separately).
-struct DataContent {
-    wire: Vec<u8>,
+struct DataContent<'a> {
+    /// The message itself when it is already canonical (CRLF, nothing to
+    /// stuff): large sealed messages are sent without a copy.
+    wire: std::borrow::Cow<'a, [u8]>,
     /// Octets of the message proper (CRLF line ends, no stuffing): SIZE=.
     size: usize,
     eight_bit: bool,
 }
 
-impl DataContent {
-    fn new(message: &[u8]) -> DataContent {
+impl<'a> DataContent<'a> {
+    fn new(message: &'a [u8]) -> DataContent<'a> {
+        if is_canonical(message) {
+            return DataContent {
+                wire: std::borrow::Cow::Borrowed(message),
+                size: message.len(),
+                eight_bit: message.iter().any(|&b| b >= 0x80),
+            };
+        }
         let mut wire = Vec::with_capacity(message.len() + message.len() / 32 + 8);
         let mut stuffed = 0;
         let mut at_line_start = true;
@@ -1307,9 +1316,29 @@ impl DataContent {
         DataContent {
             size: wire.len() - stuffed,
             eight_bit: message.iter().any(|&b| b >= 0x80),
-            wire,
+            wire: std::borrow::Cow::Owned(wire),
         }
     }
+}
+
+/// Every line ends in CRLF (no bare CR or LF), the last one included, and
+/// no line starts with a dot: the message goes on the wire as it is.
+fn is_canonical(message: &[u8]) -> bool {
+    if message.is_empty() || message[0] == b'.' || !message.ends_with(b"\r\n") {
+        return message.is_empty();
+    }
+    let mut crs = memchr::memchr_iter(b'\r', message);
+    for lf in memchr::memchr_iter(b'\n', message) {
+        // Each LF must be the one right after the next CR.
+        match crs.next() {
+            Some(cr) if cr + 1 == lf => {}
+            _ => return false,
+        }
+        if message.get(lf + 1) == Some(&b'.') {
+            return false;
+        }
+    }
+    crs.next().is_none()
 }
 
 /// Why `address` cannot go into a MAIL or RCPT command, if it cannot.
@@ -1341,20 +1370,53 @@ mod tests {
     use super::*;
 
     #[test]
+    fn canonical_messages_are_sent_as_they_are() {
+        let cases: [&[u8]; 12] = [
+            b"",
+            b"a\r\n",
+            b"a\r\nb\r\n",
+            b"a\r\n.b\r\n",
+            b".a\r\n",
+            b"a\nb\r\n",
+            b"a\rb\r\n",
+            b"a\r\nb",
+            b"a\r\r\n",
+            b"a\r\n\r\n",
+            b"x\r\n..\r\n",
+            b"\r\n",
+        ];
+        for m in cases {
+            let content = DataContent::new(m);
+            let borrowed = matches!(content.wire, std::borrow::Cow::Borrowed(_));
+            assert_eq!(borrowed, is_canonical(m), "{m:?}");
+            if borrowed {
+                assert_eq!(&*content.wire, m);
+                assert_eq!(content.size, m.len());
+            }
+        }
+        // What the fast path takes is exactly what the slow path would send.
+        assert!(is_canonical(b"a\r\nb\r\n"));
+        assert!(!is_canonical(b"a\r\n.b\r\n"));
+        assert!(!is_canonical(b"a\nb\r\n"));
+        assert!(!is_canonical(b"a\rb\r\n"));
+        assert!(!is_canonical(b"a\r\nb"));
+    }
+
+    #[test]
     fn data_content_normalises_line_ends_and_stuffs_dots() {
         let content = DataContent::new(b"a\nb\r\n.c\r..\rd");
-        assert_eq!(content.wire, b"a\r\nb\r\n..c\r\n...\r\nd\r\n");
+        assert_eq!(&*content.wire, b"a\r\nb\r\n..c\r\n...\r\nd\r\n");
         assert_eq!(content.size, content.wire.len() - 2);
         assert!(!content.eight_bit);
     }
 
     #[test]
     fn data_content_ends_with_crlf_and_sees_8bit() {
-        assert_eq!(DataContent::new(b"").wire, b"");
-        assert_eq!(DataContent::new(b"x\r\n").wire, b"x\r\n");
+        assert_eq!(&*DataContent::new(b"").wire, b"");
+        assert_eq!(&*DataContent::new(b"x\r\n").wire, b"x\r\n");
         assert!(DataContent::new("é\r\n".as_bytes()).eight_bit);
         // A message that is only a dot line must not end the DATA early.
-        assert_eq!(DataContent::new(b".\r\n").wire, b"..\r\n");
+        assert_eq!(&*DataContent::new(b".\r\n").wire, b"..\r\n");
     }
 
     #[test]
