@@ -16,6 +16,13 @@ impl fmt::Display for SyntaxError {
 
 pub type Parsed<T> = Result<T, SyntaxError>;
 
+/// Deepest nesting of parenthesised, NOT and OR search keys. Parsing,
+/// matching and dropping a key recurse once per level, so without a bound a
+/// command of `(((...` (the session takes 256 KiB of command text, before
+/// login) overflows the stack and aborts the whole daemon. Real clients
+/// nest a few levels; a long OR chain of n terms nests n - 1.
+pub const MAX_SEARCH_DEPTH: usize = 256;
+
 fn err<T>(what: impl Into<String>) -> Parsed<T> {
     Err(SyntaxError(what.into()))
 }
@@ -555,9 +562,9 @@ impl<'a> Cursor<'a> {
     }
 
     fn search_keys(&mut self) -> Parsed<SearchKey> {
-        let mut keys = vec![self.search_key()?];
+        let mut keys = vec![self.search_key(0)?];
         while self.eat(b' ') {
-            keys.push(self.search_key()?);
+            keys.push(self.search_key(0)?);
         }
         Ok(if keys.len() == 1 {
             keys.remove(0)
@@ -566,11 +573,17 @@ impl<'a> Cursor<'a> {
         })
     }
 
-    fn search_key(&mut self) -> Parsed<SearchKey> {
+    /// One search key, `depth` parentheses, NOTs and ORs down.
+    fn search_key(&mut self, depth: usize) -> Parsed<SearchKey> {
+        if depth >= MAX_SEARCH_DEPTH {
+            return err(format!(
+                "search keys nested more than {MAX_SEARCH_DEPTH} deep"
+            ));
+        }
         if self.eat(b'(') {
-            let mut keys = vec![self.search_key()?];
+            let mut keys = vec![self.search_key(depth + 1)?];
             while self.eat(b' ') {
-                keys.push(self.search_key()?);
+                keys.push(self.search_key(depth + 1)?);
             }
             self.expect(b')')?;
             return Ok(SearchKey::And(keys));
@@ -646,13 +659,13 @@ impl<'a> Cursor<'a> {
             }
             "NOT" => {
                 self.sp()?;
-                Ok(SearchKey::Not(Box::new(self.search_key()?)))
+                Ok(SearchKey::Not(Box::new(self.search_key(depth + 1)?)))
             }
             "OR" => {
                 self.sp()?;
-                let a = self.search_key()?;
+                let a = self.search_key(depth + 1)?;
                 self.sp()?;
-                let b = self.search_key()?;
+                let b = self.search_key(depth + 1)?;
                 Ok(SearchKey::Or(Box::new(a), Box::new(b)))
             }
             _ => err(format!("unknown search key {word}")),
@@ -988,6 +1001,38 @@ mod tests {
             parse("APPEND Sent (\\Seen) \"01-Jan-2024 10:00:00 +0000\" {5+}\r\nhello"),
             Command::Append { ref message, .. } if message == b"hello"
         ));
+    }
+
+    /// Found by the imap_command fuzz target: `a SEARCH ((((...` recursed
+    /// once per parenthesis (also NOT and OR) until the stack overflowed.
+    #[test]
+    fn deeply_nested_search_keys_are_refused_not_a_stack_overflow() {
+        // A tokio worker's stack (2 MiB), in an unoptimised build.
+        let worker = std::thread::Builder::new().stack_size(2 * 1024 * 1024);
+        let outcome = worker
+            .spawn(|| {
+                for (open, close) in [("(", ")"), ("NOT ", ""), ("OR ALL ", "")] {
+                    let nested =
+                        |n: usize| format!("SEARCH {}SEEN{}", open.repeat(n), close.repeat(n));
+                    assert!(
+                        matches!(
+                            parse_command(nested(MAX_SEARCH_DEPTH - 1).as_bytes()),
+                            Ok(Command::Search { .. })
+                        ),
+                        "{open}: the deepest allowed nesting parses"
+                    );
+                    let too_deep = parse_command(nested(MAX_SEARCH_DEPTH).as_bytes());
+                    assert!(
+                        too_deep.is_err_and(|e| e.0.contains("nested")),
+                        "{open}: one level more is refused"
+                    );
+                    // What a client can send in 256 KiB of command text.
+                    let hostile = format!("SEARCH {}", open.repeat(256 * 1024 / open.len()));
+                    assert!(parse_command(hostile.as_bytes()).is_err());
+                }
+            })
+            .expect("thread");
+        assert!(outcome.join().is_ok());
     }
 
     #[test]
