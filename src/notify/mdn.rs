@@ -153,10 +153,22 @@ Auto-Submitted: auto-replied\r\nContent-Type: multipart/report; report-type=disp
 
 /// Parses an MDN (the message itself, or wrapped once in message/rfc822).
 pub fn parse_mdn(message: &[u8]) -> Option<Mdn> {
+    parse_mdn_in(message, true)
+}
+
+/// `parse_mdn`; `may_unwrap` is false inside the wrapper. Looking into one
+/// wrapper only bounds the work: each level copies the rest of the message,
+/// so following every `message/rfc822` cost memory quadratic in the size and
+/// a stack frame per level (a 256 KiB message of nothing but wrappers used
+/// 1 GiB and overflowed the stack).
+fn parse_mdn_in(message: &[u8], may_unwrap: bool) -> Option<Mdn> {
     let entity = Entity::parse(message).ok()?;
     let ct = entity.content_type();
     if ct.is("message/rfc822") {
-        return parse_mdn(&entity.decoded_body().ok()?);
+        if !may_unwrap {
+            return None;
+        }
+        return parse_mdn_in(&entity.decoded_body().ok()?, false);
     }
     if !ct.is("multipart/report") {
         return None;
@@ -276,6 +288,42 @@ mod tests {
                 "no header injection"
             );
         }
+    }
+
+    /// Found by the mdn_dsn fuzz target: every message/rfc822 wrapper was
+    /// followed, copying the rest of the message each time, so a message of
+    /// nothing but wrappers overflowed the stack (and used memory quadratic
+    /// in its size) instead of being "not an MDN".
+    #[test]
+    fn wrappers_are_looked_into_once_only() {
+        let wrapper = b"Content-Type: message/rfc822\r\n\r\n";
+        let mdn = build_mdn(&MdnRequest {
+            from: "bob@b.example",
+            to: "alice@a.example",
+            original_message_id: "<m1@a.example>",
+            original_subject: None,
+            disposition: Disposition::Processed,
+            reporting_ua: "b.example; hispd",
+            final_destination_delivery: false,
+            error: None,
+        });
+        let wrapped = |n: usize| {
+            let mut m = wrapper.repeat(n);
+            m.extend_from_slice(&mdn);
+            m
+        };
+        assert!(parse_mdn(&wrapped(0)).is_some());
+        assert!(parse_mdn(&wrapped(1)).is_some(), "wrapped once");
+        assert!(parse_mdn(&wrapped(2)).is_none(), "wrapped twice");
+        // 256 KiB of wrappers, on a thread with a tokio worker's stack.
+        let hostile = wrapper.repeat(256 * 1024 / wrapper.len());
+        let worker = std::thread::Builder::new().stack_size(2 * 1024 * 1024);
+        let parsed = worker
+            .spawn(move || parse_mdn(&hostile))
+            .expect("thread")
+            .join()
+            .expect("no stack overflow");
+        assert!(parsed.is_none());
     }
 
     #[test]
