@@ -66,11 +66,19 @@ fn addresses(list: Option<&mail_parser::Address<'_>>) -> Vec<DirectAddress> {
 
 /// The unwrapped message: for a wrapped one the message/rfc822 body; else the
 /// outer headers (less its MIME ones) around the signed entity.
-fn unwrap(outer: &[u8], signed_content: &[u8]) -> Result<(Vec<u8>, bool), AgentError> {
-    let entity = mime::Entity::parse(signed_content)?;
+/// A wrapped message is cut out of `signed_content` in place.
+fn unwrap(outer: &[u8], mut signed_content: Vec<u8>) -> Result<(Vec<u8>, bool), AgentError> {
+    let entity = mime::Entity::parse(&signed_content)?;
     if entity.content_type().is("message/rfc822") {
-        let body = entity.decoded_body()?;
-        return Ok((body, true));
+        let base64 = entity
+            .header("Content-Transfer-Encoding")
+            .is_some_and(|c| c.trim().eq_ignore_ascii_case("base64"));
+        if base64 {
+            return Ok((entity.decoded_body()?, true));
+        }
+        let start = entity.body.as_ptr() as usize - signed_content.as_ptr() as usize;
+        signed_content.drain(..start);
+        return Ok((signed_content, true));
     }
     let outer_entity = mime::Entity::parse(outer)?;
     let mut out = Vec::with_capacity(outer.len() / 2 + signed_content.len());
@@ -80,7 +88,7 @@ fn unwrap(outer: &[u8], signed_content: &[u8]) -> Result<(Vec<u8>, bool), AgentE
             out.extend_from_slice(&h.raw);
         }
     }
-    out.extend_from_slice(signed_content);
+    out.extend_from_slice(&signed_content);
     Ok((out, false))
 }
 
@@ -166,9 +174,14 @@ impl Agent {
                 tried: candidates.len(),
                 recipients: encrypted.recipient_count(),
             })?;
+        // Each large buffer goes as soon as the next exists: the encrypted
+        // structure once decrypted, the decrypted entity becomes the signed
+        // content in place, and that the unwrapped message.
         let decrypted = encrypted.decrypt(&key.credential)?;
+        let envelope = encrypted.info.clone();
+        drop(encrypted);
 
-        let mut signed = smime::parse_signed(&decrypted)?;
+        let mut signed = smime::parse_signed_owned(decrypted)?;
         let micalg = signed.micalg.clone();
         // The digest rule comes first: a SHA-1 signature is refused whatever else holds.
         let digests = signed.digests();
@@ -187,7 +200,8 @@ impl Agent {
             certificates: carried,
             content,
         } = signed.verify()?;
-        let (inner, wrapped) = unwrap(req.message, &content)?;
+        drop(signed);
+        let (inner, wrapped) = unwrap(req.message, content)?;
         if !wrapped {
             warnings.push(
                 "the message is not wrapped: its outer headers are not protected by the signature"
@@ -301,7 +315,7 @@ impl Agent {
         let report = OpenReport {
             domain: domain.name.clone(),
             decrypted_with: CertSummary::of(&key.credential.cert),
-            envelope: encrypted.info.clone(),
+            envelope,
             micalg,
             signer,
             wrapped,

@@ -106,6 +106,17 @@ pub fn complete_headers(
     message: &[u8],
     from: &DirectAddress,
 ) -> Result<(Vec<u8>, Option<String>), AgentError> {
+    let (mut prefix, message_id) = missing_headers(message, from)?;
+    prefix.extend_from_slice(message);
+    Ok((prefix, message_id))
+}
+
+/// The header lines [`complete_headers`] would put before the message
+/// (canonical CRLF, possibly none), and its Message-ID.
+fn missing_headers(
+    message: &[u8],
+    from: &DirectAddress,
+) -> Result<(Vec<u8>, Option<String>), AgentError> {
     let entity = mime::Entity::parse(message)?;
     let mut prefix = Vec::new();
     if entity.header("Date").is_none() {
@@ -122,7 +133,6 @@ pub fn complete_headers(
             Some(id)
         }
     };
-    prefix.extend_from_slice(message);
     Ok((prefix, message_id))
 }
 
@@ -240,18 +250,30 @@ impl Agent {
             }
         };
 
-        let (original, message_id) = complete_headers(req.message, &req.from)?;
-        // The outer headers first: then each large buffer (original, wrapped,
-        // signed, encrypted) is dropped as soon as the next one exists.
+        // The message is never copied: the wrapped entity is the wrapper
+        // header, any missing Date/Message-ID lines and the message; it is
+        // signed piece by piece, and the signed entity around it is encrypted
+        // and base64-encoded as a stream straight into the output. A 100 MB
+        // message takes its own size plus the output's.
+        let (added, message_id) = missing_headers(req.message, &req.from)?;
+        let body = mime::to_crlf(req.message);
         let mut outer = Vec::with_capacity(1024);
         {
-            let original_entity = mime::Entity::parse(&original)?;
-            for name in OUTER_HEADERS {
-                for h in original_entity
-                    .headers
+            // The added lines as a header section of their own.
+            let added_section = [&added[..], b"\r\n"].concat();
+            let added_entity = match added.is_empty() {
+                true => None,
+                false => Some(mime::Entity::parse(&added_section)?),
+            };
+            let original_entity = mime::Entity::parse(&body)?;
+            let headers = || {
+                added_entity
                     .iter()
-                    .filter(|h| h.name.eq_ignore_ascii_case(name))
-                {
+                    .flat_map(|e| e.headers.iter())
+                    .chain(&original_entity.headers)
+            };
+            for name in OUTER_HEADERS {
+                for h in headers().filter(|h| h.name.eq_ignore_ascii_case(name)) {
                     outer.extend_from_slice(&mime::to_crlf(&h.raw));
                 }
             }
@@ -260,21 +282,15 @@ impl Agent {
                     outer.extend_from_slice(format!("Subject: {text}\r\n").as_bytes())
                 }
                 OuterSubject::Copy => {
-                    for h in original_entity
-                        .headers
-                        .iter()
-                        .filter(|h| h.name.eq_ignore_ascii_case("Subject"))
-                    {
+                    for h in headers().filter(|h| h.name.eq_ignore_ascii_case("Subject")) {
                         outer.extend_from_slice(&mime::to_crlf(&h.raw));
                     }
                 }
             }
         }
         outer.extend_from_slice(b"MIME-Version: 1.0\r\n");
-        let wrapped = smime::wrap(&original);
-        drop(original);
-        let signed = smime::sign(&wrapped, &signer.credential, settings.digest)?;
-        drop(wrapped);
+        let wrapped: [&[u8]; 3] = [smime::WRAPPER_HEADER, &added, &body];
+        let signed = smime::SignedFrame::sign(&wrapped, &signer.credential, settings.digest)?;
         let mut certs: Vec<X509> = Vec::new();
         for (_, usable, _) in &per_recipient {
             for u in usable {
@@ -287,11 +303,20 @@ impl Agent {
                 }
             }
         }
-        let der = smime::encrypt(&signed, &certs, settings.cipher, settings.key_transport)?;
-        drop(signed);
         let mut out = outer;
-        smime::enveloped_entity_into(&der, &mut out);
-        drop(der);
+        smime::encrypt_entity_into(
+            &[
+                &signed.head,
+                wrapped[0],
+                wrapped[1],
+                wrapped[2],
+                &signed.tail,
+            ],
+            &certs,
+            settings.cipher,
+            settings.key_transport,
+            &mut out,
+        )?;
 
         let report = SealReport {
             signer: CertSummary::of(&signer.credential.cert),

@@ -64,10 +64,56 @@ extern "C" {
     fn CMS_get0_type(cms: *const sys::CMS_ContentInfo) -> *const sys::ASN1_OBJECT;
     fn CMS_get1_certs(cms: *mut sys::CMS_ContentInfo) -> *mut sys::OPENSSL_STACK;
     fn BIO_new_mem_buf(buf: *const c_void, len: c_int) -> *mut sys::BIO;
+    fn BIO_up_ref(a: *mut sys::BIO) -> c_int;
+    fn BIO_free(a: *mut sys::BIO) -> c_int;
+    fn BIO_new_CMS(out: *mut sys::BIO, cms: *mut sys::CMS_ContentInfo) -> *mut sys::BIO;
+    fn CMS_dataInit(cms: *mut sys::CMS_ContentInfo, icont: *mut sys::BIO) -> *mut sys::BIO;
+    fn CMS_dataFinal(cms: *mut sys::CMS_ContentInfo, bio: *mut sys::BIO) -> c_int;
+    fn CMS_decrypt_set1_pkey(
+        cms: *mut sys::CMS_ContentInfo,
+        pk: *mut sys::EVP_PKEY,
+        cert: *mut sys::X509,
+    ) -> c_int;
+    fn CMS_get0_content(cms: *mut sys::CMS_ContentInfo) -> *mut *mut sys::ASN1_OCTET_STRING;
+    fn BIO_method_type(b: *const sys::BIO) -> c_int;
 }
+
+const BIO_TYPE_CIPHER: c_int = 10 | 0x0200;
+const BIO_C_GET_CIPHER_STATUS: c_int = 113;
 
 const CMS_RECIPINFO_TRANS: c_int = 0;
 const RSA_PKCS1_OAEP_PADDING: c_int = 4;
+
+/// Frees a BIO chain when dropped.
+struct ChainBio(*mut sys::BIO);
+
+impl Drop for ChainBio {
+    fn drop(&mut self) {
+        // SAFETY: we own our reference to the chain; BIO_free_all stops at a
+        // BIO that has another reference.
+        unsafe {
+            sys::BIO_free_all(self.0);
+        }
+    }
+}
+
+/// Writes all of `data` to a BIO, in pieces that fit a c_int.
+fn write_all(bio: *mut sys::BIO, mut data: &[u8]) -> Result<(), ErrorStack> {
+    while !data.is_empty() {
+        let len = data.len().min(STREAM_CHUNK);
+        // SAFETY: bio is valid and data holds len readable bytes.
+        let n = unsafe { sys::BIO_write(bio, data.as_ptr() as *const c_void, len as c_int) };
+        if n <= 0 {
+            return Err(ErrorStack::get());
+        }
+        data = &data[n as usize..];
+    }
+    Ok(())
+}
+
+/// Largest write into a streaming chain, and so the size of each OCTET
+/// STRING of streamed content.
+const STREAM_CHUNK: usize = 64 * 1024;
 
 /// Frees a BIO when dropped.
 struct MemBio(*mut sys::BIO);
@@ -234,10 +280,22 @@ pub fn sign_detached<T: HasPrivate>(
     chain: &StackRef<X509>,
     digest: MessageDigest,
 ) -> Result<CmsContentInfo, ErrorStack> {
+    sign_detached_pieces(&[data], signer, key, chain, digest)
+}
+
+/// [`sign_detached`] over the concatenation of `pieces`, which is never
+/// made: each piece goes through the digest as it is.
+pub fn sign_detached_pieces<T: HasPrivate>(
+    pieces: &[&[u8]],
+    signer: &X509Ref,
+    key: &PKeyRef<T>,
+    chain: &StackRef<X509>,
+    digest: MessageDigest,
+) -> Result<CmsContentInfo, ErrorStack> {
     let flags = sys::CMS_DETACHED | sys::CMS_BINARY | sys::CMS_PARTIAL;
-    let bio = MemBio::new(data)?;
     // SAFETY: all pointers are valid for the duration of the calls; the
-    // returned ContentInfo is owned by the CmsContentInfo wrapper.
+    // returned ContentInfo is owned by the CmsContentInfo wrapper, the
+    // content BIO chain by ChainBio.
     unsafe {
         let cms = sys::CMS_sign(
             ptr::null_mut(),
@@ -260,7 +318,19 @@ pub fn sign_detached<T: HasPrivate>(
         if si.is_null() {
             return Err(ErrorStack::get());
         }
-        if CMS_final(cms.as_ptr(), bio.0, ptr::null_mut(), flags) != 1 {
+        // What CMS_final does, a piece at a time: detached content goes
+        // through the digest BIOs into a null BIO.
+        let content = CMS_dataInit(cms.as_ptr(), ptr::null_mut());
+        if content.is_null() {
+            return Err(ErrorStack::get());
+        }
+        let content = ChainBio(content);
+        for piece in pieces {
+            write_all(content.0, piece)?;
+        }
+        if sys::BIO_ctrl(content.0, sys::BIO_CTRL_FLUSH, 0, ptr::null_mut()) <= 0
+            || CMS_dataFinal(cms.as_ptr(), content.0) != 1
+        {
             return Err(ErrorStack::get());
         }
         Ok(cms)
@@ -277,7 +347,86 @@ pub fn encrypt(
 ) -> Result<CmsContentInfo, ErrorStack> {
     let flags = sys::CMS_BINARY | sys::CMS_PARTIAL;
     let bio = MemBio::new(data)?;
-    // SAFETY: as in sign_detached; the pkey context belongs to the RecipientInfo.
+    let cms = enveloped(recipients, cipher, oaep, flags)?;
+    // SAFETY: cms and bio are valid for the call.
+    unsafe {
+        if CMS_final(cms.as_ptr(), bio.0, ptr::null_mut(), flags) != 1 {
+            return Err(ErrorStack::get());
+        }
+        Ok(cms)
+    }
+}
+
+/// Decrypts an EnvelopedData or AuthEnvelopedData with `key` (whose
+/// certificate `cert` picks the recipient info), as CMS_decrypt does, but
+/// reading the content straight into the returned Vec: no memory BIO holds
+/// a second copy of it. `size_hint` reserves that much up front.
+pub fn decrypt<T: HasPrivate>(
+    cms: &CmsContentInfo,
+    key: &PKeyRef<T>,
+    cert: &X509Ref,
+    size_hint: usize,
+) -> Result<Vec<u8>, ErrorStack> {
+    // SAFETY: all pointers are valid while `cms`, `key` and `cert` live; the
+    // content BIO chain is owned by ChainBio.
+    unsafe {
+        let nid = content_type(cms);
+        if nid != Nid::PKCS7_ENVELOPED && nid.short_name().ok() != Some(AUTH_ENVELOPED_SN) {
+            return Err(ErrorStack::get());
+        }
+        // Detached encrypted content would decrypt to nothing at all.
+        let content = CMS_get0_content(cms.as_ptr());
+        if content.is_null() || (*content).is_null() {
+            return Err(ErrorStack::get());
+        }
+        if CMS_decrypt_set1_pkey(cms.as_ptr(), key.as_ptr(), cert.as_ptr()) != 1 {
+            return Err(ErrorStack::get());
+        }
+        let bio = CMS_dataInit(cms.as_ptr(), ptr::null_mut());
+        if bio.is_null() {
+            return Err(ErrorStack::get());
+        }
+        let bio = ChainBio(bio);
+        let mut out: Vec<u8> = Vec::with_capacity(size_hint);
+        loop {
+            if out.capacity() - out.len() < STREAM_CHUNK {
+                out.reserve(STREAM_CHUNK);
+            }
+            let spare = out.capacity() - out.len();
+            let want = spare.min(c_int::MAX as usize) as c_int;
+            let n = sys::BIO_read(bio.0, out.as_mut_ptr().add(out.len()) as *mut c_void, want);
+            if n <= 0 {
+                // A bad padding or a wrong GCM tag shows here, at the end.
+                if BIO_method_type(bio.0) == BIO_TYPE_CIPHER
+                    && sys::BIO_ctrl(bio.0, BIO_C_GET_CIPHER_STATUS, 0, ptr::null_mut()) <= 0
+                {
+                    return Err(ErrorStack::get());
+                }
+                if n < 0 {
+                    return Err(ErrorStack::get());
+                }
+                break;
+            }
+            // BIO_read wrote n initialised bytes into the spare capacity.
+            out.set_len(out.len() + n as usize);
+        }
+        Ok(out)
+    }
+}
+
+/// The short name OpenSSL gives the AuthEnvelopedData content type.
+pub const AUTH_ENVELOPED_SN: &str = "id-smime-ct-authEnvelopedData";
+
+/// An EnvelopedData under construction (CMS_PARTIAL in `flags`) with a
+/// key transport recipient per certificate.
+fn enveloped(
+    recipients: &[X509],
+    cipher: Cipher,
+    oaep: bool,
+    flags: c_uint,
+) -> Result<CmsContentInfo, ErrorStack> {
+    // SAFETY: the ContentInfo is owned by the wrapper; the pkey context
+    // belongs to its RecipientInfo.
     unsafe {
         let cms = sys::CMS_encrypt(ptr::null_mut(), ptr::null_mut(), cipher.as_ptr(), flags);
         if cms.is_null() {
@@ -299,10 +448,62 @@ pub fn encrypt(
                 }
             }
         }
-        if CMS_final(cms.as_ptr(), bio.0, ptr::null_mut(), flags) != 1 {
+        Ok(cms)
+    }
+}
+
+/// [`encrypt`] of the concatenation of `pieces`, streamed: the BER
+/// encoding (indefinite lengths, content in OCTET STRINGs of at most 64 KiB)
+/// goes to `sink` a chunk at a time as it is made, so neither the content
+/// nor the encrypted structure is ever whole in memory.
+pub fn encrypt_streaming(
+    pieces: &[&[u8]],
+    recipients: &[X509],
+    cipher: Cipher,
+    oaep: bool,
+    sink: &mut dyn FnMut(&[u8]),
+) -> Result<(), ErrorStack> {
+    let flags = sys::CMS_BINARY | sys::CMS_PARTIAL | sys::CMS_STREAM;
+    // SAFETY: as in encrypt. `out` holds our reference to the memory BIO;
+    // the chain from BIO_new_CMS holds another, so freeing the chain leaves
+    // the memory BIO to `out`.
+    let cms = enveloped(recipients, cipher, oaep, flags)?;
+    unsafe {
+        let out = sys::BIO_new(sys::BIO_s_mem());
+        if out.is_null() {
             return Err(ErrorStack::get());
         }
-        Ok(cms)
+        let out = ChainBio(out);
+        if BIO_up_ref(out.0) != 1 {
+            return Err(ErrorStack::get());
+        }
+        let chain = BIO_new_CMS(out.0, cms.as_ptr());
+        if chain.is_null() {
+            BIO_free(out.0);
+            return Err(ErrorStack::get());
+        }
+        let chain = ChainBio(chain);
+        let mut buf = vec![0u8; STREAM_CHUNK];
+        let mut drain = |sink: &mut dyn FnMut(&[u8])| loop {
+            let n = sys::BIO_read(out.0, buf.as_mut_ptr() as *mut c_void, buf.len() as c_int);
+            if n <= 0 {
+                break;
+            }
+            sink(&buf[..n as usize]);
+        };
+        for piece in pieces {
+            for chunk in piece.chunks(STREAM_CHUNK) {
+                write_all(chain.0, chunk)?;
+                drain(sink);
+            }
+        }
+        // Flushing writes the last block and the end-of-contents octets.
+        if sys::BIO_ctrl(chain.0, sys::BIO_CTRL_FLUSH, 0, ptr::null_mut()) <= 0 {
+            return Err(ErrorStack::get());
+        }
+        drop(chain);
+        drain(sink);
+        Ok(())
     }
 }
 
@@ -350,6 +551,126 @@ mod tests {
                 CMSOptions::NO_SIGNER_CERT_VERIFY | CMSOptions::BINARY
             )
             .is_err());
+    }
+
+    /// Some bytes that are not all alike, `n` of them.
+    fn data(n: usize, seed: u8) -> Vec<u8> {
+        (0..n).map(|i| (i as u8).wrapping_mul(31) ^ seed).collect()
+    }
+
+    #[test]
+    fn signing_in_pieces_signs_their_concatenation() {
+        let id = identity();
+        let chain = Stack::new().expect("stack");
+        let (a, b) = (data(STREAM_CHUNK + 7, 1), data(3 * STREAM_CHUNK, 2));
+        let pieces: [&[u8]; 4] = [b"head\r\n", &a, b"", &b];
+        let whole = pieces.concat();
+        let cms = sign_detached_pieces(&pieces, &id.cert, &id.key, &chain, MessageDigest::sha256())
+            .expect("sign");
+        let der = cms.to_der().unwrap();
+        let verify = |content: &[u8]| {
+            CmsContentInfo::from_der(&der).unwrap().verify(
+                None,
+                None,
+                Some(content),
+                None,
+                CMSOptions::NO_SIGNER_CERT_VERIFY | CMSOptions::BINARY,
+            )
+        };
+        verify(&whole).expect("the concatenation verifies");
+        let mut changed = whole.clone();
+        changed[STREAM_CHUNK] ^= 1;
+        assert!(verify(&changed).is_err(), "one changed byte fails");
+        assert!(verify(&whole[1..]).is_err(), "a missing byte fails");
+    }
+
+    #[test]
+    fn streaming_encryption_is_ber_that_decrypts_to_the_concatenation() {
+        let id = identity();
+        let other = identity();
+        let big = data(2 * STREAM_CHUNK + 1000, 3);
+        for (pieces, oaep) in [
+            (vec![&b"x"[..]], false),
+            (
+                vec![&b"head\r\n"[..], &big[..], &b""[..], &b"tail"[..]],
+                true,
+            ),
+            (vec![&big[..STREAM_CHUNK]], false),
+        ] {
+            let recipients = [id.cert.clone(), other.cert.clone()];
+            let mut ber = Vec::new();
+            let mut calls = 0;
+            encrypt_streaming(
+                &pieces,
+                &recipients,
+                Cipher::aes_256_cbc(),
+                oaep,
+                &mut |c| {
+                    calls += 1;
+                    ber.extend_from_slice(c)
+                },
+            )
+            .expect("encrypt");
+            // ContentInfo SEQUENCE with indefinite length: streamed BER.
+            assert_eq!(&ber[..2], &[0x30, 0x80]);
+            if big.len() < pieces.iter().map(|p| p.len()).sum() {
+                assert!(calls > 2, "output arrives in chunks, {calls} calls");
+            }
+            let cms = CmsContentInfo::from_der(&ber).expect("OpenSSL reads it back");
+            assert_eq!(content_type(&cms), Nid::PKCS7_ENVELOPED);
+            let infos = key_transport_recipients(&cms, Some(&id.cert));
+            assert_eq!(infos.len(), 2, "one recipient info per certificate");
+            assert_eq!(infos.iter().filter(|(_, mine)| *mine).count(), 1);
+            assert!(infos
+                .iter()
+                .all(|(nid, _)| (*nid == Nid::from_raw(sys::NID_rsaesOaep)) == oaep));
+            for who in [&id, &other] {
+                let plain = cms.decrypt(&who.key, &who.cert).expect("decrypt");
+                assert_eq!(plain, pieces.concat(), "each recipient gets the content");
+            }
+        }
+    }
+
+    #[test]
+    fn decryption_reads_the_content_and_refuses_tampering() {
+        let id = identity();
+        let other = identity();
+        let content = data(3 * STREAM_CHUNK + 5, 4);
+        let mut to = Stack::new().unwrap();
+        to.push(id.cert.clone()).unwrap();
+        for cipher in [Cipher::aes_128_cbc(), Cipher::aes_256_gcm()] {
+            let cms = CmsContentInfo::encrypt(&to, &content, cipher, CMSOptions::BINARY)
+                .expect("encrypt");
+            let der = cms.to_der().unwrap();
+            for hint in [0, der.len()] {
+                let plain = decrypt(&cms, &id.key, &id.cert, hint).expect("decrypt");
+                assert_eq!(plain, content);
+            }
+            assert!(
+                decrypt(&cms, &other.key, &other.cert, 0).is_err(),
+                "not a recipient"
+            );
+            // A changed byte in the last block: bad padding (CBC) or a
+            // wrong tag (GCM), never content.
+            let mut tampered = der.clone();
+            let at = tampered.len()
+                - if cipher == Cipher::aes_256_gcm() {
+                    40
+                } else {
+                    5
+                };
+            tampered[at] ^= 0x55;
+            let tampered = CmsContentInfo::from_der(&tampered).expect("still parses");
+            assert!(
+                decrypt(&tampered, &id.key, &id.cert, 0).is_err(),
+                "tampering is caught"
+            );
+        }
+        // Not an EnvelopedData at all.
+        let chain = Stack::new().unwrap();
+        let signed =
+            sign_detached(b"x", &id.cert, &id.key, &chain, MessageDigest::sha256()).unwrap();
+        assert!(decrypt(&signed, &id.key, &id.cert, 0).is_err());
     }
 
     #[test]

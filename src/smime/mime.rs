@@ -384,6 +384,44 @@ pub fn encode_base64_lines_into(data: &[u8], out: &mut Vec<u8>) {
     }
 }
 
+/// [`encode_base64_lines_into`] for data that arrives in pieces: the
+/// lines are the same as for the whole data at once.
+pub struct Base64Lines<'a> {
+    out: &'a mut Vec<u8>,
+    /// Fewer than 57 bytes not yet encoded.
+    pending: Vec<u8>,
+}
+
+impl<'a> Base64Lines<'a> {
+    pub fn new(out: &'a mut Vec<u8>) -> Base64Lines<'a> {
+        Base64Lines {
+            out,
+            pending: Vec::with_capacity(57),
+        }
+    }
+
+    pub fn write(&mut self, mut data: &[u8]) {
+        if !self.pending.is_empty() {
+            let take = (57 - self.pending.len()).min(data.len());
+            self.pending.extend_from_slice(&data[..take]);
+            data = &data[take..];
+            if self.pending.len() < 57 {
+                return;
+            }
+            encode_base64_lines_into(&self.pending, self.out);
+            self.pending.clear();
+        }
+        let whole = data.len() / 57 * 57;
+        encode_base64_lines_into(&data[..whole], self.out);
+        self.pending.extend_from_slice(&data[whole..]);
+    }
+
+    /// Encodes what is left (the last, shorter line).
+    pub fn finish(self) {
+        encode_base64_lines_into(&self.pending, self.out);
+    }
+}
+
 /// Converts every line ending (LF or CRLF; a lone CR stays) to CRLF,
 /// borrowing when the data is already canonical (the usual case).
 pub fn to_crlf(data: &[u8]) -> std::borrow::Cow<'_, [u8]> {
@@ -441,6 +479,38 @@ mod tests {
     }
 
     use super::*;
+
+    #[test]
+    fn base64_in_pieces_makes_the_same_lines() {
+        let data: Vec<u8> = (0..1000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let mut whole = Vec::new();
+        encode_base64_lines_into(&data, &mut whole);
+        for sizes in [
+            &[1usize, 56, 57, 58, 3][..],
+            &[0, 114, 1],
+            &[999],
+            &[1000],
+            &[500, 0, 500],
+        ] {
+            let mut out = b"prefix".to_vec();
+            let mut lines = Base64Lines::new(&mut out);
+            let mut at = 0;
+            for &n in sizes.iter().cycle() {
+                let end = (at + n.max(1)).min(data.len());
+                lines.write(&data[at..end]);
+                at = end;
+                if at == data.len() {
+                    break;
+                }
+            }
+            lines.finish();
+            assert_eq!(&out[..6], b"prefix");
+            assert_eq!(out[6..], whole, "pieces of {sizes:?}");
+        }
+        let mut empty = Vec::new();
+        Base64Lines::new(&mut empty).finish();
+        assert!(empty.is_empty());
+    }
 
     #[test]
     fn headers_unfold_and_body_is_exact() {

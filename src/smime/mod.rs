@@ -160,9 +160,12 @@ impl FromStr for SigningDigest {
     }
 }
 
+/// The header of the `message/rfc822` entity that wraps a message.
+pub const WRAPPER_HEADER: &[u8] = b"Content-Type: message/rfc822\r\n\r\n";
+
 /// Wraps an RFC 5322 message as a `message/rfc822` entity, in canonical CRLF.
 pub fn wrap(message: &[u8]) -> Vec<u8> {
-    let mut out = b"Content-Type: message/rfc822\r\n\r\n".to_vec();
+    let mut out = WRAPPER_HEADER.to_vec();
     out.extend_from_slice(&to_crlf(message));
     out
 }
@@ -175,37 +178,52 @@ pub fn sign(
     digest: SigningDigest,
 ) -> Result<Vec<u8>, SmimeError> {
     let content = to_crlf(entity);
-    let mut chain = Stack::new()?;
-    for c in &signer.chain {
-        chain.push(c.clone())?;
-    }
-    let cms = ffi::sign_detached(
-        &content,
-        &signer.cert,
-        &signer.key,
-        &chain,
-        digest.openssl(),
-    )?;
-    let der = cms.to_der()?;
-    let boundary = mime::new_boundary();
-    let mut out = Vec::with_capacity(content.len() + der.len() * 2 + 512);
-    out.extend_from_slice(
-        format!(
-            "Content-Type: multipart/signed; protocol=\"application/pkcs7-signature\"; micalg={}; boundary=\"{boundary}\"\r\n\r\n",
+    let signed = SignedFrame::sign(&[&content], signer, digest)?;
+    let mut out = Vec::with_capacity(signed.head.len() + content.len() + signed.tail.len());
+    out.extend_from_slice(&signed.head);
+    out.extend_from_slice(&content);
+    out.extend_from_slice(&signed.tail);
+    Ok(out)
+}
+
+/// A `multipart/signed` entity without its first part: `head`, then the
+/// signed content, then `tail` (the signature part and the closing
+/// boundary) make the whole entity. Large content is never copied into it.
+pub struct SignedFrame {
+    pub head: Vec<u8>,
+    pub tail: Vec<u8>,
+}
+
+impl SignedFrame {
+    /// Signs the concatenation of `pieces` (canonical CRLF: the bytes are
+    /// signed as they are).
+    pub fn sign(
+        pieces: &[&[u8]],
+        signer: &Credential,
+        digest: SigningDigest,
+    ) -> Result<SignedFrame, SmimeError> {
+        let mut chain = Stack::new()?;
+        for c in &signer.chain {
+            chain.push(c.clone())?;
+        }
+        let cms =
+            ffi::sign_detached_pieces(pieces, &signer.cert, &signer.key, &chain, digest.openssl())?;
+        let der = cms.to_der()?;
+        let boundary = mime::new_boundary();
+        let head = format!(
+            "Content-Type: multipart/signed; protocol=\"application/pkcs7-signature\"; micalg={}; boundary=\"{boundary}\"\r\n\r\nThis is an S/MIME signed message.\r\n--{boundary}\r\n",
             digest.micalg()
         )
-        .as_bytes(),
-    );
-    out.extend_from_slice(b"This is an S/MIME signed message.\r\n");
-    out.extend_from_slice(format!("--{boundary}\r\n").as_bytes());
-    out.extend_from_slice(&content);
-    out.extend_from_slice(format!("\r\n--{boundary}\r\n").as_bytes());
-    out.extend_from_slice(
-        b"Content-Type: application/pkcs7-signature; name=\"smime.p7s\"\r\nContent-Transfer-Encoding: base64\r\nContent-Disposition: attachment; filename=\"smime.p7s\"\r\n\r\n",
-    );
-    mime::encode_base64_lines_into(&der, &mut out);
-    out.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
-    Ok(out)
+        .into_bytes();
+        let mut tail = Vec::with_capacity(der.len() * 2 + 256);
+        tail.extend_from_slice(format!("\r\n--{boundary}\r\n").as_bytes());
+        tail.extend_from_slice(
+            b"Content-Type: application/pkcs7-signature; name=\"smime.p7s\"\r\nContent-Transfer-Encoding: base64\r\nContent-Disposition: attachment; filename=\"smime.p7s\"\r\n\r\n",
+        );
+        mime::encode_base64_lines_into(&der, &mut tail);
+        tail.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+        Ok(SignedFrame { head, tail })
+    }
 }
 
 /// Encrypts a MIME entity to every certificate: returns the DER EnvelopedData.
@@ -224,6 +242,39 @@ pub fn encrypt(
     Ok(cms.to_der()?)
 }
 
+/// Encrypts the entity made of `pieces` (in order) to every certificate and
+/// appends the `application/pkcs7-mime` entity, headers and base64 body, to
+/// `out`. Streams: the EnvelopedData is BER (indefinite lengths, as S/MIME
+/// allows and OpenSSL's own streaming writes) and is base64-encoded as it is
+/// made, so the memory it takes beyond `out` is a few buffers of 64 KiB
+/// whatever the size of the entity.
+pub fn encrypt_entity_into(
+    pieces: &[&[u8]],
+    recipients: &[X509],
+    cipher: ContentCipher,
+    transport: KeyTransport,
+    out: &mut Vec<u8>,
+) -> Result<(), SmimeError> {
+    let content: usize = pieces.iter().map(|p| p.len()).sum();
+    // Content rounded up to the cipher block, the recipient infos, and the
+    // BER headers of each 64 KiB chunk, base64 in lines of 76 + CRLF.
+    let ber = content + 16 + recipients.len() * 600 + 512 + content / 4096;
+    out.reserve(ENVELOPED_HEADERS.len() + ber.div_ceil(57) * 78);
+    out.extend_from_slice(ENVELOPED_HEADERS);
+    let mut lines = mime::Base64Lines::new(out);
+    ffi::encrypt_streaming(
+        pieces,
+        recipients,
+        cipher.openssl(),
+        transport == KeyTransport::RsaOaep,
+        &mut |chunk| lines.write(chunk),
+    )?;
+    lines.finish();
+    Ok(())
+}
+
+const ENVELOPED_HEADERS: &[u8] = b"Content-Type: application/pkcs7-mime; smime-type=enveloped-data; name=\"smime.p7m\"\r\nContent-Transfer-Encoding: base64\r\nContent-Disposition: attachment; filename=\"smime.p7m\"\r\n\r\n";
+
 /// The MIME headers of an enveloped-data body, followed by the base64 body.
 pub fn enveloped_entity(der: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
@@ -233,7 +284,7 @@ pub fn enveloped_entity(der: &[u8]) -> Vec<u8> {
 
 /// [`enveloped_entity`] appended to `out` (no intermediate copy).
 pub fn enveloped_entity_into(der: &[u8], out: &mut Vec<u8>) {
-    out.extend_from_slice(b"Content-Type: application/pkcs7-mime; smime-type=enveloped-data; name=\"smime.p7m\"\r\nContent-Transfer-Encoding: base64\r\nContent-Disposition: attachment; filename=\"smime.p7m\"\r\n\r\n");
+    out.extend_from_slice(ENVELOPED_HEADERS);
     mime::encode_base64_lines_into(der, out);
 }
 
@@ -254,6 +305,8 @@ pub struct EnvelopeInfo {
 pub struct Encrypted {
     pub cms: CmsContentInfo,
     pub info: EnvelopeInfo,
+    /// The size of the encoded structure: the content is no longer.
+    size_hint: usize,
 }
 
 fn nid_name(nid: Nid) -> String {
@@ -262,7 +315,7 @@ fn nid_name(nid: Nid) -> String {
         .unwrap_or_else(|_| format!("nid {}", nid.as_raw()))
 }
 
-const AUTH_ENVELOPED_SN: &str = "id-smime-ct-authEnvelopedData";
+use ffi::AUTH_ENVELOPED_SN;
 
 /// Parses an encrypted message or entity (its Content-Type must be
 /// application/(x-)pkcs7-mime).
@@ -296,11 +349,9 @@ pub fn parse_encrypted(message: &[u8]) -> Result<Encrypted, SmimeError> {
     } else {
         return Err(SmimeError::NotEnveloped(nid_name(ctype)));
     };
-    // Re-encoding gives definite-length DER even when the sender used BER.
-    let content_cipher = cms
-        .to_der()
-        .ok()
-        .and_then(|d| der_walk::content_encryption_oid(&d))
+    // Read from the sender's own encoding (DER or BER): re-encoding would
+    // copy the whole encrypted content once more.
+    let content_cipher = der_walk::content_encryption_oid(&der)
         .map(|oid| oid_name(&oid))
         .unwrap_or_else(|| "unknown".into());
     let key_transport = ffi::key_transport_recipients(&cms, None)
@@ -309,6 +360,7 @@ pub fn parse_encrypted(message: &[u8]) -> Result<Encrypted, SmimeError> {
         .collect();
     Ok(Encrypted {
         cms,
+        size_hint: der.len(),
         info: EnvelopeInfo {
             structure: structure.into(),
             content_cipher,
@@ -339,12 +391,12 @@ impl Encrypted {
 
     /// Decrypts with one credential (which must be a recipient).
     pub fn decrypt(&self, cred: &Credential) -> Result<Vec<u8>, SmimeError> {
-        self.cms
-            .decrypt(&cred.key, &cred.cert)
-            .map_err(|e| SmimeError::DecryptFailed {
+        ffi::decrypt(&self.cms, &cred.key, &cred.cert, self.size_hint).map_err(|e| {
+            SmimeError::DecryptFailed {
                 subject: crate::trust::subject(&cred.cert),
                 why: openssl_reason(&e),
-            })
+            }
+        })
     }
 }
 
@@ -359,6 +411,25 @@ pub struct Signed {
 
 /// Parses `multipart/signed` or opaque `application/pkcs7-mime; smime-type=signed-data`.
 pub fn parse_signed(entity_bytes: &[u8]) -> Result<Signed, SmimeError> {
+    parse_signed_owned(entity_bytes.to_vec())
+}
+
+/// [`parse_signed`] of an entity the caller gives up: the signed content
+/// is cut out of it in place rather than copied.
+pub fn parse_signed_owned(mut entity_bytes: Vec<u8>) -> Result<Signed, SmimeError> {
+    let (mut signed, range) = parse_signed_in(&entity_bytes)?;
+    if let Some((start, end)) = range {
+        entity_bytes.truncate(end);
+        entity_bytes.drain(..start);
+        signed.content = entity_bytes;
+    }
+    Ok(signed)
+}
+
+/// The SignedData, and where in `entity_bytes` the detached content is.
+type SignedIn = (Signed, Option<(usize, usize)>);
+
+fn parse_signed_in(entity_bytes: &[u8]) -> Result<SignedIn, SmimeError> {
     let entity = Entity::parse(entity_bytes)?;
     let ct = entity.content_type();
     if ct.is("multipart/signed") {
@@ -384,12 +455,15 @@ pub fn parse_signed(entity_bytes: &[u8]) -> Result<Signed, SmimeError> {
                 nid_name(ffi::content_type(&cms))
             )));
         }
-        return Ok(Signed {
+        // The part is a slice of entity_bytes.
+        let start = parts[0].as_ptr() as usize - entity_bytes.as_ptr() as usize;
+        let signed = Signed {
             cms,
-            content: parts[0].to_vec(),
+            content: Vec::new(),
             detached: true,
             micalg: ct.param("micalg").map(str::to_string),
-        });
+        };
+        return Ok((signed, Some((start, start + parts[0].len()))));
     }
     if (ct.is("application/pkcs7-mime") || ct.is("application/x-pkcs7-mime"))
         && ct
@@ -400,12 +474,13 @@ pub fn parse_signed(entity_bytes: &[u8]) -> Result<Signed, SmimeError> {
         let der = entity.decoded_body()?;
         if let Ok(cms) = CmsContentInfo::from_der(&der) {
             if ffi::content_type(&cms) == Nid::PKCS7_SIGNED {
-                return Ok(Signed {
+                let signed = Signed {
                     cms,
                     content: Vec::new(),
                     detached: false,
                     micalg: None,
-                });
+                };
+                return Ok((signed, None));
             }
         }
     }
@@ -430,7 +505,8 @@ pub struct SignerResult {
 
 impl Signed {
     /// Verifies the signatures cryptographically (not trust). Returns each
-    /// signer with its algorithms, the certificates carried, and the content.
+    /// signer with its algorithms, the certificates carried, and the content
+    /// (moved out: `self.content` is empty afterwards).
     pub fn verify(&mut self) -> Result<Verified, SmimeError> {
         let flags = CMSOptions::NO_SIGNER_CERT_VERIFY | CMSOptions::BINARY;
         let mut out = Vec::new();
@@ -484,7 +560,7 @@ impl Signed {
         Ok(Verified {
             signers,
             certificates: ffi::certificates(&self.cms),
-            content: self.content.clone(),
+            content: std::mem::take(&mut self.content),
         })
     }
 
@@ -500,15 +576,40 @@ impl Signed {
 /// Just enough DER to find an EnvelopedData's content-encryption algorithm,
 /// which OpenSSL does not expose.
 mod der_walk {
-    /// (tag, content, rest)
+    /// (tag, content, rest). An indefinite length (BER, as streaming
+    /// senders write) runs to its end-of-contents octets, which are in
+    /// neither content nor rest.
     fn tlv(data: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+        tlv_at(data, 0)
+    }
+
+    /// Constructed values nested deeper than this are refused (each level
+    /// of indefinite length recurses once).
+    const MAX_DEPTH: usize = 32;
+
+    fn tlv_at(data: &[u8], depth: usize) -> Option<(u8, &[u8], &[u8])> {
         let tag = *data.first()?;
         let first = *data.get(1)?;
+        if tag & 0x1f == 0x1f || depth > MAX_DEPTH {
+            // High tag numbers do not occur in CMS.
+            return None;
+        }
+        if first == 0x80 {
+            if tag & 0x20 == 0 {
+                return None;
+            }
+            let body = &data[2..];
+            let mut rest = body;
+            while !rest.starts_with(&[0, 0]) {
+                rest = tlv_at(rest, depth + 1)?.2;
+            }
+            return Some((tag, &body[..body.len() - rest.len()], &rest[2..]));
+        }
         let (len, header) = if first < 0x80 {
             (first as usize, 2)
         } else {
             let n = (first & 0x7f) as usize;
-            if n == 0 || n > 4 {
+            if n > 4 {
                 return None;
             }
             let mut len = 0usize;
@@ -567,6 +668,53 @@ mod der_walk {
                 let (tag, oid, _) = tlv(alg)?;
                 return if tag == 0x06 { oid_text(oid) } else { None };
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pki;
+
+    fn identity() -> Credential {
+        let ca = pki::new_ca("smime test CA", 2048).expect("ca");
+        pki::issue(&ca, &pki::LeafSpec::address("a@smime.example")).expect("leaf")
+    }
+
+    #[test]
+    fn the_cipher_is_read_from_der_and_streamed_ber() {
+        let id = identity();
+        let to = std::slice::from_ref(&id.cert);
+        let entity = b"Content-Type: text/plain\r\n\r\nhello\r\n".repeat(5000);
+        for cipher in [ContentCipher::Aes128Cbc, ContentCipher::Aes256Cbc] {
+            let der = encrypt(&entity, to, cipher, KeyTransport::RsaPkcs1).expect("encrypt");
+            let mut streamed = Vec::new();
+            encrypt_entity_into(&[&entity], to, cipher, KeyTransport::RsaOaep, &mut streamed)
+                .expect("stream");
+            for message in [enveloped_entity(&der), streamed] {
+                let parsed = parse_encrypted(&message).expect("parse");
+                let name = serde_json::to_value(cipher).unwrap();
+                assert_eq!(
+                    parsed.info.content_cipher.to_ascii_lowercase(),
+                    name.as_str().unwrap()
+                );
+                assert_eq!(parsed.decrypt(&id).expect("decrypt"), entity);
+            }
+        }
+    }
+
+    #[test]
+    fn hostile_ber_nesting_is_refused_without_recursing_far() {
+        let deep = [0x30u8, 0x80].repeat(100_000);
+        assert_eq!(der_walk::content_encryption_oid(&deep), None);
+        // Unterminated and truncated indefinite lengths.
+        for bad in [
+            &[0x30u8, 0x80][..],
+            &[0x30, 0x80, 0x02, 0x01],
+            &[0x04, 0x80, 0, 0],
+        ] {
+            assert_eq!(der_walk::content_encryption_oid(bad), None, "{bad:02x?}");
         }
     }
 }
