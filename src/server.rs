@@ -588,13 +588,21 @@ impl Hub {
             }
             None => return Reply::new(530, "5.7.0", "authentication required"),
         }
-        // Notifications refer to the Message-ID: it must exist before the first attempt.
-        let message = match DirectAddress::parse(&envelope.mail_from)
+        // Notifications refer to the Message-ID: it must exist before the
+        // first attempt. The message is copied only when lines are added,
+        // and the original is dropped then.
+        let added = DirectAddress::parse(&envelope.mail_from)
             .ok()
-            .and_then(|from| agent::complete_headers(&message, &from).ok())
-        {
-            Some((completed, _)) => completed,
-            None => message,
+            .and_then(|from| agent::missing_headers(&message, &from).ok())
+            .map(|(added, _)| added)
+            .unwrap_or_default();
+        let message = if added.is_empty() {
+            message
+        } else {
+            let mut completed = added;
+            completed.extend_from_slice(&message);
+            drop(message);
+            completed
         };
         let spool = match self.store.spool(&message) {
             Ok(s) => s,
@@ -636,8 +644,11 @@ impl Hub {
             message_id = job.message_id.as_deref().unwrap_or("-"),
             "accepted for delivery"
         );
-        self.queued(&job);
         self.documents_arrived(&message);
+        // The queue reads the message from the spool: this copy goes before
+        // it starts, so a large message is not in memory twice.
+        drop(message);
+        self.queued(&job);
         Reply::new(250, "2.0.0", format!("queued as {}", job.id))
     }
 }

@@ -113,7 +113,7 @@ pub fn complete_headers(
 
 /// The header lines [`complete_headers`] would put before the message
 /// (canonical CRLF, possibly none), and its Message-ID.
-fn missing_headers(
+pub fn missing_headers(
     message: &[u8],
     from: &DirectAddress,
 ) -> Result<(Vec<u8>, Option<String>), AgentError> {
