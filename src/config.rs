@@ -201,6 +201,7 @@ struct RawDelivery {
     max_age_secs: u64,
     connect_timeout_secs: u64,
     concurrency: usize,
+    memory_budget_mb: u64,
 }
 
 /// Listener and daemon settings.
@@ -238,6 +239,9 @@ pub struct DeliveryConfig {
     pub connect_timeout: Duration,
     /// Deliveries in progress at once.
     pub concurrency: usize,
+    /// Messages in delivery at once add up to at most this many bytes; a
+    /// larger one still goes, alone.
+    pub memory_budget: u64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -681,6 +685,7 @@ impl Settings {
             max_age: Duration::from_secs(dl.max_age_secs),
             connect_timeout: Duration::from_secs(dl.connect_timeout_secs.max(1)),
             concurrency: dl.concurrency.max(1),
+            memory_budget: dl.memory_budget_mb.max(1).saturating_mul(1 << 20),
         };
         let mut bundles: Vec<BundleConfig> = Vec::new();
         for (i, b) in raw.bundles.iter().enumerate() {

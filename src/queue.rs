@@ -63,6 +63,9 @@ impl Worker {
     /// most every 200 ms and at least once a minute.
     pub async fn run(self) {
         let limit = self.hub.settings.delivery.concurrency.max(1);
+        let budget = self.hub.settings.delivery.memory_budget;
+        // Bytes of the messages being delivered.
+        let mut bytes_in_flight = 0u64;
         let mut fresh = self
             .hub
             .fresh_rx
@@ -71,7 +74,7 @@ impl Worker {
             .take();
         let mut in_flight: HashSet<String> = HashSet::new();
         let mut tasks: JoinSet<()> = JoinSet::new();
-        let mut task_jobs: HashMap<tokio::task::Id, String> = HashMap::new();
+        let mut task_jobs: HashMap<tokio::task::Id, (String, u64)> = HashMap::new();
         let mut ready: VecDeque<Job> = VecDeque::new();
         let mut ready_ids: HashSet<String> = HashSet::new();
         let mut next_scan = tokio::time::Instant::now();
@@ -102,6 +105,13 @@ impl Worker {
             }
             while tasks.len() < limit {
                 let Some(job) = ready.pop_front() else { break };
+                // A missing spool file is the job's own failure to report.
+                let size = self.hub.store.spool_len(&job.spool).unwrap_or(0);
+                if !tasks.is_empty() && bytes_in_flight.saturating_add(size) > budget {
+                    // Waits, first in line, for deliveries to finish.
+                    ready.push_front(job);
+                    break;
+                }
                 ready_ids.remove(&job.id);
                 if !in_flight.insert(job.id.clone()) {
                     continue;
@@ -117,7 +127,15 @@ impl Worker {
                         worker.finish(job).await;
                     }
                 });
-                task_jobs.insert(handle.id(), id);
+                tracing::info!(
+                    job = %id,
+                    bytes = size,
+                    others_in_flight = tasks.len() - 1,
+                    others_bytes = bytes_in_flight,
+                    "delivery started"
+                );
+                task_jobs.insert(handle.id(), (id, size));
+                bytes_in_flight += size;
             }
             // Timeouts are in seconds: no need to read every tracking record
             // on each wake-up of a busy queue.
@@ -138,8 +156,9 @@ impl Worker {
                         }
                         None => None,
                     };
-                    if let Some(job) = id.and_then(|id| task_jobs.remove(&id)) {
+                    if let Some((job, size)) = id.and_then(|id| task_jobs.remove(&id)) {
                         in_flight.remove(&job);
+                        bytes_in_flight -= size;
                         // A job still pending is rescheduled by the next scan.
                         next_scan = next_scan.min(tokio::time::Instant::now() + Duration::from_millis(200));
                     }

@@ -405,3 +405,63 @@ print(json.dumps(out))
         net.b.log_text()
     );
 }
+
+/// `[delivery] memory_budget_mb`: messages that together exceed the budget
+/// are delivered one after another (each still goes), while the remote
+/// server is slow to answer; every one arrives.
+#[test]
+fn large_messages_are_delivered_within_the_memory_budget() {
+    // smtp-sink waits 1 s before answering DATA: deliveries overlap unless
+    // the budget keeps them apart.
+    let sink = common::sink::SmtpSink::start(&["-w", "1"]);
+    let mut net = Net::new(|_| sink.addr.port());
+    net.a.stop();
+    let config = std::fs::read_to_string(&net.a.config).expect("config");
+    std::fs::write(
+        &net.a.config,
+        config.replacen("[delivery]\n", "[delivery]\nmemory_budget_mb = 1\n", 1),
+    )
+    .expect("config");
+    net.a.start();
+    // 700 KB each: two of them exceed 1 MiB.
+    let body =
+        "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef\r\n".repeat(10_600);
+    let messages: Vec<_> = (0..3)
+        .map(|i| message(&[BOB], &format!("big-{i}"), &body))
+        .collect();
+    let results = submit(net.a.submission_port, &serde_json::json!(messages));
+    assert!(results.iter().all(|r| r["ok"] == true), "{results:?}");
+    assert!(
+        net.a.wait_log(Duration::from_secs(90), |log| log
+            .matches("delivery attempt")
+            .count()
+            >= 3),
+        "{}",
+        net.a.log_text()
+    );
+    let log = net.a.log_text();
+    let started: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("delivery started"))
+        .collect();
+    assert_eq!(started.len(), 3, "{log}");
+    for line in &started {
+        assert!(
+            line.contains(r#""others_in_flight":0,"#) && line.contains(r#""others_bytes":0}"#),
+            "each large message went alone: {line}\n{log}"
+        );
+    }
+    assert_eq!(
+        log.matches("delivery attempt").count(),
+        3,
+        "one attempt each, all delivered: {log}"
+    );
+    assert_eq!(
+        log.lines()
+            .filter(|l| l.contains("delivery attempt") && l.contains("completed"))
+            .count(),
+        3,
+        "{log}"
+    );
+    drop(net.bind.take());
+}

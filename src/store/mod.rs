@@ -132,6 +132,8 @@ pub trait Storage: Send + Sync {
     /// Writes a message durably; returns its spool id.
     fn spool(&self, data: &[u8]) -> Result<String, StoreError>;
     fn read(&self, spool: &str) -> Result<Vec<u8>, StoreError>;
+    /// The size of a spooled message, without reading it.
+    fn spool_len(&self, spool: &str) -> Result<u64, StoreError>;
 
     /// Records a new job (its message already spooled). Durable on return.
     fn enqueue(&self, job: &Job) -> Result<(), StoreError>;

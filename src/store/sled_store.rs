@@ -184,6 +184,11 @@ impl Storage for SledStore {
         fs::read(&path).map_err(io(&path))
     }
 
+    fn spool_len(&self, spool: &str) -> Result<u64, StoreError> {
+        let path = self.spool_path(spool)?;
+        Ok(fs::metadata(&path).map_err(io(&path))?.len())
+    }
+
     fn enqueue(&self, job: &Job) -> Result<(), StoreError> {
         self.update_job(job)
     }
