@@ -198,7 +198,7 @@ impl Ccda {
 }
 
 /// How many bytes of the start of a document [`is_ccda`] looks at.
-const SNIFF_BYTES: usize = 256 * 1024;
+pub const SNIFF_BYTES: usize = 256 * 1024;
 
 /// Cheap check: does this look like a C-CDA (root element `ClinicalDocument`
 /// declaring the HL7 v3 namespace)? Reads at most the first 256 KiB and does

@@ -122,6 +122,15 @@ pub fn ccdas_in_message(message: &[u8]) -> Vec<Vec<u8>> {
             }
             return;
         }
+        // Only a part that starts like a C-CDA or a zip is decoded whole: a
+        // 100 MB image is looked at, not copied.
+        let Ok(head) = entity.decoded_head(ccda::SNIFF_BYTES) else {
+            return;
+        };
+        if !(ccda::is_ccda(&head) || head.starts_with(b"PK\x03\x04")) {
+            return;
+        }
+        drop(head);
         if let Ok(body) = entity.decoded_body() {
             if ccda::is_ccda(&body) {
                 out.push(body);

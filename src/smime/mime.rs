@@ -162,13 +162,23 @@ impl<'a> Entity<'a> {
 
     /// The body with its Content-Transfer-Encoding undone (base64 only; other
     /// encodings are returned as they are, which is what CMS needs).
+    /// At least the first `limit` bytes of [`Entity::decoded_body`] (all
+    /// of it when shorter), decoding no more than needed.
+    pub fn decoded_head(&self, limit: usize) -> Result<Vec<u8>, MimeError> {
+        if self.is_base64() {
+            decode_base64_prefix(self.body, limit)
+        } else {
+            Ok(self.body[..self.body.len().min(limit)].to_vec())
+        }
+    }
+
+    fn is_base64(&self) -> bool {
+        self.header("Content-Transfer-Encoding")
+            .is_some_and(|c| c.trim().eq_ignore_ascii_case("base64"))
+    }
+
     pub fn decoded_body(&self) -> Result<Vec<u8>, MimeError> {
-        let cte = self
-            .header("Content-Transfer-Encoding")
-            .unwrap_or("7bit")
-            .trim()
-            .to_ascii_lowercase();
-        if cte == "base64" {
+        if self.is_base64() {
             decode_base64(self.body)
         } else {
             Ok(self.body.to_vec())
@@ -341,23 +351,46 @@ fn split_params(value: &str) -> Vec<String> {
 
 /// Decodes base64 leniently: whitespace anywhere, padding optional.
 pub fn decode_base64(data: &[u8]) -> Result<Vec<u8>, MimeError> {
+    decode_base64_prefix(data, usize::MAX)
+}
+
+/// The first `limit` bytes that `data` decodes to, or up to 48 KiB more
+/// (all of it when shorter): only that much of it is decoded.
+pub fn decode_base64_prefix(data: &[u8], limit: usize) -> Result<Vec<u8>, MimeError> {
     let engine = GeneralPurpose::new(
         &alphabet::STANDARD,
         GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
     );
-    // Bodies are lines of base64: copy line by line rather than byte by byte.
-    let mut clean = Vec::with_capacity(data.len());
-    for line in data.split(|&b| b == b'\n') {
-        let line = line.trim_ascii();
-        if line.iter().any(u8::is_ascii_whitespace) {
-            clean.extend(line.iter().filter(|b| !b.is_ascii_whitespace()));
+    // Whitespace-free characters are decoded 64 KiB at a time (whole groups
+    // of four), so the encoded body is never copied whole.
+    const CHUNK: usize = 64 * 1024;
+    let mut out = Vec::with_capacity((data.len() / 4 * 3).min(limit.saturating_add(3)));
+    let mut clean = Vec::with_capacity(CHUNK + 128);
+    let decode = |clean: &[u8], out: &mut Vec<u8>| {
+        engine
+            .decode_vec(clean, out)
+            .map_err(|e| MimeError::Base64(e.to_string()))
+    };
+    for piece in data
+        .split(|&b| b == b'\n')
+        .flat_map(|line| line.trim_ascii().chunks(CHUNK))
+    {
+        if piece.iter().any(u8::is_ascii_whitespace) {
+            clean.extend(piece.iter().filter(|b| !b.is_ascii_whitespace()));
         } else {
-            clean.extend_from_slice(line);
+            clean.extend_from_slice(piece);
+        }
+        if clean.len() >= CHUNK {
+            let whole = clean.len() / 4 * 4;
+            decode(&clean[..whole], &mut out)?;
+            clean.drain(..whole);
+            if out.len() >= limit {
+                return Ok(out);
+            }
         }
     }
-    engine
-        .decode(&clean)
-        .map_err(|e| MimeError::Base64(e.to_string()))
+    decode(&clean, &mut out)?;
+    Ok(out)
 }
 
 /// Base64 in 76-character lines with CRLF, as RFC 2045 asks.
@@ -510,6 +543,46 @@ mod tests {
         let mut empty = Vec::new();
         Base64Lines::new(&mut empty).finish();
         assert!(empty.is_empty());
+    }
+
+    #[test]
+    fn large_base64_decodes_in_chunks_and_heads_decode_only_the_start() {
+        use base64::Engine;
+        let data: Vec<u8> = (0..300_001u32).map(|i| (i * 13 % 256) as u8).collect();
+        let b64 = base64::engine::general_purpose::STANDARD.encode(&data);
+        // 76-character CRLF lines, one long line, and lines with spaces and
+        // tabs inside (lenient senders).
+        let mut lines = Vec::new();
+        encode_base64_lines_into(&data, &mut lines);
+        let spaced: Vec<u8> = b64
+            .as_bytes()
+            .chunks(60)
+            .flat_map(|c| [&c[..30], b" \t", &c[30..], b"\n"].concat())
+            .collect();
+        for encoded in [lines, b64.clone().into_bytes(), spaced] {
+            assert_eq!(decode_base64(&encoded).expect("decodes"), data);
+            let head = decode_base64_prefix(&encoded, 1000).expect("head");
+            assert!(
+                head.len() >= 1000 && head.len() < data.len(),
+                "{}",
+                head.len()
+            );
+            assert_eq!(head, data[..head.len()]);
+        }
+        let entity = [
+            &b"Content-Transfer-Encoding: BASE64\r\n\r\n"[..],
+            b64.as_bytes(),
+        ]
+        .concat();
+        let entity = Entity::parse(&entity).expect("entity");
+        assert_eq!(entity.decoded_body().expect("body"), data);
+        assert_eq!(entity.decoded_head(10).expect("head")[..10], data[..10]);
+        let plain = Entity::parse(b"Subject: x\r\n\r\nhello world").expect("entity");
+        assert_eq!(plain.decoded_head(5).expect("head"), b"hello");
+        assert_eq!(plain.decoded_head(500).expect("head"), b"hello world");
+        let mut bad = b64.into_bytes();
+        bad[200_000] = b'*';
+        assert!(decode_base64(&bad).is_err(), "a bad character far in");
     }
 
     #[test]
