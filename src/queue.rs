@@ -222,9 +222,18 @@ impl Worker {
                 ));
             }
         }
-        if let Err(e) = self.hub.store.update_job(&job) {
-            tracing::error!(job = %job.id, "saving delivery results: {e}");
-            return;
+        // A job that is done with nothing to report is removed at once: one
+        // index flush instead of two (a crash before the removal delivers it
+        // again, as a crash before saving the results would).
+        let all_delivered = job
+            .recipients
+            .iter()
+            .all(|r| r.status == RecipientStatus::Delivered);
+        if !all_delivered {
+            if let Err(e) = self.hub.store.update_job(&job) {
+                tracing::error!(job = %job.id, "saving delivery results: {e}");
+                return;
+            }
         }
         if job.is_finished() {
             self.finish(job).await;
@@ -381,7 +390,8 @@ impl Worker {
                             &format!("delivered to the {domain} MX"),
                             Hub::now(),
                         );
-                        let _ = track::save(self.hub.store.as_ref(), &t);
+                        // Durable with the job's own update or removal.
+                        let _ = track::save_deferred(self.hub.store.as_ref(), &t);
                     }
                 }
                 self.record(&mut job.recipients[*i], &outcome);

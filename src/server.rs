@@ -616,7 +616,8 @@ impl Hub {
             t.subject = MessageParser::default()
                 .parse_headers(&message)
                 .and_then(|m| m.subject().map(str::to_string));
-            if let Err(e) = track::save(self.store.as_ref(), &t) {
+            // Durable with the job, enqueued (and flushed) just below.
+            if let Err(e) = track::save_deferred(self.store.as_ref(), &t) {
                 return Reply::new(451, "4.3.0", format!("local storage error: {e}"));
             }
         }

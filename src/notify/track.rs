@@ -220,6 +220,13 @@ pub fn save(store: &dyn Storage, t: &Tracking) -> Result<(), StoreError> {
     store.put_record(KIND, t.message_id.trim(), &v)
 }
 
+/// [`save`], durable with the store's next flushing write (which the caller
+/// makes right after).
+pub fn save_deferred(store: &dyn Storage, t: &Tracking) -> Result<(), StoreError> {
+    let v = serde_json::to_vec(t).map_err(|e| StoreError::Index(e.to_string()))?;
+    store.put_record_deferred(KIND, t.message_id.trim(), &v)
+}
+
 pub fn all(store: &dyn Storage) -> Result<Vec<Tracking>, StoreError> {
     store
         .records(KIND)?

@@ -169,6 +169,11 @@ pub trait Storage: Send + Sync {
     /// field of its JSON value, or the file is removed as an orphan when the
     /// store is next opened.
     fn put_record(&self, kind: &str, key: &str, value: &[u8]) -> Result<(), StoreError>;
+    /// [`Storage::put_record`] made durable by the next write that is (a
+    /// job enqueued, updated or finished, a delivery, ...), not on its own:
+    /// for a record written just before such a write, one disk flush
+    /// instead of two. A crash before that write loses the record.
+    fn put_record_deferred(&self, kind: &str, key: &str, value: &[u8]) -> Result<(), StoreError>;
     fn get_record(&self, kind: &str, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
     fn remove_record(&self, kind: &str, key: &str) -> Result<(), StoreError>;
     fn records(&self, kind: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError>;

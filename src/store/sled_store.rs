@@ -404,8 +404,13 @@ impl Storage for SledStore {
     }
 
     fn put_record(&self, kind: &str, key: &str, value: &[u8]) -> Result<(), StoreError> {
-        self.records_tree.insert(record_key(kind, key), value)?;
+        self.put_record_deferred(kind, key, value)?;
         self.flush()
+    }
+
+    fn put_record_deferred(&self, kind: &str, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        self.records_tree.insert(record_key(kind, key), value)?;
+        Ok(())
     }
 
     fn get_record(&self, kind: &str, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
@@ -499,6 +504,25 @@ mod tests {
         let second = SledStore::open(dir.path()).unwrap();
         holder.join().unwrap();
         assert!(second.jobs().unwrap().is_empty());
+    }
+
+    #[test]
+    fn deferred_records_are_readable_at_once_and_kept_by_the_next_write() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = SledStore::open(dir.path()).unwrap();
+            store.put_record_deferred("track", "<m1@x>", b"{}").unwrap();
+            assert_eq!(
+                store.get_record("track", "<m1@x>").unwrap().as_deref(),
+                Some(&b"{}"[..])
+            );
+            store.enqueue(&job(&store, b"hello")).unwrap();
+        }
+        let store = SledStore::open(dir.path()).unwrap();
+        assert_eq!(
+            store.records("track").unwrap(),
+            vec![("<m1@x>".to_string(), b"{}".to_vec())]
+        );
     }
 
     #[test]
