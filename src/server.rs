@@ -1209,6 +1209,8 @@ async fn accept_loop(
         let Ok((stream, remote)) = listener.accept().await else {
             continue;
         };
+        // Replies are whole writes; Nagle would hold them for the client's ACK.
+        let _ = stream.set_nodelay(true);
         let Ok(permit) = connections.clone().try_acquire_owned() else {
             let mut s = stream;
             let _ = tokio::io::AsyncWriteExt::write_all(

@@ -49,6 +49,7 @@ pub async fn listen<B: EdgeBackend>(
     loop {
         match listener.accept().await {
             Ok((stream, remote)) => {
+                let _ = stream.set_nodelay(true);
                 let config = config.clone();
                 let backend = backend.clone();
                 tokio::spawn(serve_connection(stream, remote, config, backend));

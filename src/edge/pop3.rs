@@ -35,6 +35,7 @@ pub async fn listen<B: EdgeBackend>(
     loop {
         match listener.accept().await {
             Ok((stream, remote)) => {
+                let _ = stream.set_nodelay(true);
                 tokio::spawn(serve_connection(
                     stream,
                     remote,

@@ -116,6 +116,7 @@ pub async fn listen(
                 continue;
             }
         };
+        let _ = stream.set_nodelay(true);
         let router = router.clone();
         let tls = tls.clone();
         tokio::spawn(async move {

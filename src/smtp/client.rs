@@ -277,6 +277,11 @@ async fn run(
         Ok(Err(e)) => return Err(SessionError::Connect(e)),
         Ok(Ok(tcp)) => tcp,
     };
+    // Commands and pipelined groups go out as whole writes: without this,
+    // Nagle's algorithm holds each small write until the server's delayed
+    // ACK (40 ms on Linux), which capped deliveries at 25 per second per
+    // connection.
+    let _ = tcp.set_nodelay(true);
     let mut session = Session::new(tcp, config);
 
     let result = session.opening().await;
