@@ -363,7 +363,7 @@ impl Worker {
                 // Our own domain: the incoming path, without the network.
                 let reply = self
                     .hub
-                    .receive_sealed(&job.mail_from, &rcpts, &sealed.message)
+                    .receive_sealed(&job.mail_from, &rcpts, sealed.message)
                     .await;
                 let outcome = reply_outcome(&reply);
                 for (i, _) in &ready {

@@ -175,7 +175,7 @@ impl Hub {
         &self,
         mail_from: &str,
         rcpt_to: &[String],
-        message: &[u8],
+        message: Vec<u8>,
     ) -> Reply {
         let agent = self.agent();
         let mut by_domain: BTreeMap<String, Vec<DirectAddress>> = BTreeMap::new();
@@ -186,17 +186,27 @@ impl Hub {
             }
         }
         let mut opened_all = Vec::new();
+        // With one local domain (the usual case) the message is handed over
+        // and dropped as soon as it is decoded; several domains each open it.
+        let (mut owned, shared) = match by_domain.len() {
+            1 => (Some(message), None),
+            _ => (None, Some(message)),
+        };
         for (domain, rcpts) in &by_domain {
             let Some(local) = agent.domain(domain) else {
                 return Reply::new(550, "5.7.1", format!("{domain} is not a local domain"));
             };
             let request = OpenRequest {
-                message,
+                message: shared.as_deref().unwrap_or_default(),
                 mail_from: Some(mail_from.to_string()),
                 rcpt_to: rcpts.clone(),
                 at: Self::now(),
             };
-            match agent.open_for_domain(local, request) {
+            let result = match owned.take() {
+                Some(message) => agent.open_owned_for_domain(local, message, request),
+                None => agent.open_for_domain(local, request),
+            };
+            match result {
                 Ok(opened) => {
                     if let Err(reason) = self
                         .signer_not_revoked(&opened, &local.incoming_anchors)
@@ -833,7 +843,7 @@ impl SmtpHandler for Hub {
         Box::pin(async move {
             match kind {
                 ListenerKind::Mx => {
-                    self.receive_sealed(&envelope.mail_from, &envelope.rcpt_to, &message)
+                    self.receive_sealed(&envelope.mail_from, &envelope.rcpt_to, message)
                         .await
                 }
                 ListenerKind::Submission => self.accept_submission(envelope, message).await,

@@ -310,3 +310,51 @@ fn the_java_ri_large_message_survives_seal_openssl_and_open_byte_for_byte() {
         "the 865 KB message comes back unchanged"
     );
 }
+
+/// The daemon hands a received message over to the agent
+/// (`open_owned_for_domain`, which drops it once decoded): the result must
+/// be exactly what opening a borrowed message gives, for a message we
+/// sealed (wrapped) and for one openssl made (unwrapped: its headers come
+/// from the outer message, which is no longer there whole).
+#[test]
+fn opening_a_handed_over_message_gives_the_same_result() {
+    let world = World::new();
+    let agent = world.agent(AgentSettings::default());
+    let alice = world.files("alice");
+    let receiver = world.files("receiver");
+    let ours = seal(
+        &world,
+        AgentSettings::default(),
+        &message("handed over", "Sodium 140 mmol/L"),
+    );
+    let signed = openssl_sign(
+        b"Content-Type: text/plain\r\n\r\nunwrapped body\r\n",
+        &alice.cert,
+        &alice.key,
+        "sha256",
+    )
+    .expect("sign");
+    let theirs = with_outer_headers(
+        &openssl_encrypt(&signed, &[receiver.cert.as_path()], "aes-128-cbc", false).expect("enc"),
+    );
+    let domain = agent.domain("receiver.example").expect("local domain");
+    for msg in [ours, theirs] {
+        let borrowed = agent.open(open_request(&msg)).expect("opens borrowed");
+        let owned = agent
+            .open_owned_for_domain(domain, msg.clone(), open_request(&[]))
+            .expect("opens handed over");
+        assert_eq!(owned.message, borrowed.message);
+        assert_eq!(
+            serde_json::to_value(&owned.report).unwrap(),
+            serde_json::to_value(&borrowed.report).unwrap()
+        );
+    }
+    // What fails, fails the same way.
+    let plain = b"From: alice@sender.example\r\nTo: bob@receiver.example\r\n\r\nhello\r\n";
+    let a = agent.open(open_request(plain)).err().expect("refused");
+    let b = agent
+        .open_owned_for_domain(domain, plain.to_vec(), open_request(&[]))
+        .err()
+        .expect("refused");
+    assert_eq!(a.to_string(), b.to_string());
+}

@@ -92,6 +92,21 @@ fn unwrap(outer: &[u8], mut signed_content: Vec<u8>) -> Result<(Vec<u8>, bool), 
     Ok((out, false))
 }
 
+/// "signed but not encrypted" is worth saying.
+fn not_encrypted_hint(e: SmimeError) -> SmimeError {
+    match e {
+        SmimeError::NotEncrypted(ct) => {
+            let hint = if ct.contains("signed") {
+                ", signed but not encrypted"
+            } else {
+                ""
+            };
+            SmimeError::NotEncrypted(format!("{ct}{hint}"))
+        }
+        e => e,
+    }
+}
+
 impl Agent {
     /// Opens a message for the local domain of its recipients (RCPT TO, or
     /// the To/Cc headers when there is no envelope). Recipients in several
@@ -131,19 +146,36 @@ impl Agent {
         domain: &LocalDomain,
         req: OpenRequest<'_>,
     ) -> Result<Opened, AgentError> {
+        let encrypted = smime::parse_encrypted(req.message).map_err(not_encrypted_hint)?;
+        self.open_encrypted(domain, encrypted, req.message, req)
+    }
+
+    /// [`Agent::open_for_domain`] of a message the caller gives up (what
+    /// `req.message` would be; that field is not read): it is dropped as
+    /// soon as its body is decoded, keeping only its header section, so a
+    /// large message is not in memory beside its decryption.
+    pub fn open_owned_for_domain(
+        &self,
+        domain: &LocalDomain,
+        message: Vec<u8>,
+        req: OpenRequest<'_>,
+    ) -> Result<Opened, AgentError> {
+        let (encrypted, headers) =
+            smime::parse_encrypted_owned(message).map_err(not_encrypted_hint)?;
+        self.open_encrypted(domain, encrypted, &headers, req)
+    }
+
+    /// The rest of opening, once parsed: `outer` is the message, or at
+    /// least its header section (the unwrapped message's headers come from
+    /// it when the sender did not wrap).
+    fn open_encrypted(
+        &self,
+        domain: &LocalDomain,
+        encrypted: smime::Encrypted,
+        outer: &[u8],
+        req: OpenRequest<'_>,
+    ) -> Result<Opened, AgentError> {
         let mut warnings = Vec::new();
-        let encrypted = match smime::parse_encrypted(req.message) {
-            Ok(e) => e,
-            Err(SmimeError::NotEncrypted(ct)) => {
-                let hint = if ct.contains("signed") {
-                    ", signed but not encrypted"
-                } else {
-                    ""
-                };
-                return Err(SmimeError::NotEncrypted(format!("{ct}{hint}")).into());
-            }
-            Err(e) => return Err(e.into()),
-        };
 
         // Choose the private key: address-bound, then domain-bound, then any.
         let local_rcpts: Vec<&DirectAddress> = req
@@ -201,7 +233,7 @@ impl Agent {
             content,
         } = signed.verify()?;
         drop(signed);
-        let (inner, wrapped) = unwrap(req.message, content)?;
+        let (inner, wrapped) = unwrap(outer, content)?;
         if !wrapped {
             warnings.push(
                 "the message is not wrapped: its outer headers are not protected by the signature"

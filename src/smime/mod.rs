@@ -320,6 +320,25 @@ use ffi::AUTH_ENVELOPED_SN;
 /// Parses an encrypted message or entity (its Content-Type must be
 /// application/(x-)pkcs7-mime).
 pub fn parse_encrypted(message: &[u8]) -> Result<Encrypted, SmimeError> {
+    let (der, media_type, _) = encrypted_body(message)?;
+    parse_enveloped(der, media_type)
+}
+
+/// [`parse_encrypted`] of a message the caller gives up: it is dropped once
+/// its body is decoded, so the message, its decoding and the parsed
+/// structure are never all in memory. Also returns the message's header
+/// section (its headers and the empty line).
+pub fn parse_encrypted_owned(message: Vec<u8>) -> Result<(Encrypted, Vec<u8>), SmimeError> {
+    let (der, media_type, body_at) = encrypted_body(&message)?;
+    let mut headers = message;
+    headers.truncate(body_at);
+    headers.shrink_to_fit();
+    Ok((parse_enveloped(der, media_type)?, headers))
+}
+
+/// The decoded body of an encrypted message, its media type, and where its
+/// body starts.
+fn encrypted_body(message: &[u8]) -> Result<(Vec<u8>, String, usize), SmimeError> {
     let entity = Entity::parse(message)?;
     let ct = entity.content_type();
     if !(ct.is("application/pkcs7-mime") || ct.is("application/x-pkcs7-mime")) {
@@ -334,7 +353,12 @@ pub fn parse_encrypted(message: &[u8]) -> Result<Encrypted, SmimeError> {
             )));
         }
     }
-    let der = entity.decoded_body()?;
+    let body_at = entity.body.as_ptr() as usize - message.as_ptr() as usize;
+    Ok((entity.decoded_body()?, ct.mime_type, body_at))
+}
+
+/// The (Auth)EnvelopedData in `der`, which is dropped once parsed.
+fn parse_enveloped(der: Vec<u8>, media_type: String) -> Result<Encrypted, SmimeError> {
     let cms = CmsContentInfo::from_der(&der).map_err(|e| SmimeError::BadCms(openssl_reason(&e)))?;
     let ctype = ffi::content_type(&cms);
     let structure = if ctype == Nid::PKCS7_ENVELOPED {
@@ -343,8 +367,7 @@ pub fn parse_encrypted(message: &[u8]) -> Result<Encrypted, SmimeError> {
         "authEnveloped-data"
     } else if ctype == Nid::PKCS7_SIGNED {
         return Err(SmimeError::NotEncrypted(format!(
-            "{} carrying signed-data",
-            ct.mime_type
+            "{media_type} carrying signed-data"
         )));
     } else {
         return Err(SmimeError::NotEnveloped(nid_name(ctype)));
@@ -365,7 +388,7 @@ pub fn parse_encrypted(message: &[u8]) -> Result<Encrypted, SmimeError> {
             structure: structure.into(),
             content_cipher,
             key_transport,
-            media_type: ct.mime_type,
+            media_type,
         },
     })
 }
