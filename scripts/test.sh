@@ -54,3 +54,25 @@ trap 'rm -f "$log"' EXIT
 cargo test --locked 2>&1 | tee "$log"
 # One closing line for all test binaries (cargo prints one per binary).
 awk '/^test result:/ {p += $4; f += $6} END {printf "tests: %d passed, %d failed\n", p, f}' "$log"
+
+# Fuzzing (fuzz/README.md): every cargo-fuzz target for HISPD_FUZZ_SECONDS
+# (default 15) from its checked-in corpus and regressions; a crash fails the
+# run. Building the targets takes about 6 minutes on two cores and CI stops
+# a run at 25 minutes, so fuzzing gets the time the tests left before the
+# 23-minute mark: it is skipped when less than 9 minutes are left and cut
+# short (without failing) at the mark. HISPD_FUZZ_SECONDS=0 skips it.
+fuzz_seconds=${HISPD_FUZZ_SECONDS:-15}
+fuzz_budget=$((23 * 60 - SECONDS))
+if [ "$fuzz_seconds" -eq 0 ]; then
+  echo "fuzz: skipped (HISPD_FUZZ_SECONDS=0)"
+elif [ "$fuzz_budget" -lt $((9 * 60)) ]; then
+  echo "fuzz: skipped: ${fuzz_budget} s left before the 23-minute mark"
+else
+  fuzz_status=0
+  timeout --foreground "$fuzz_budget" ./scripts/fuzz.sh "$fuzz_seconds" || fuzz_status=$?
+  if [ "$fuzz_status" -eq 124 ]; then
+    echo "fuzz: cut short at the 23-minute mark (${fuzz_budget} s)"
+  elif [ "$fuzz_status" -ne 0 ]; then
+    exit "$fuzz_status"
+  fi
+fi
