@@ -69,7 +69,7 @@ elif [ "$fuzz_budget" -lt $((9 * 60)) ]; then
   echo "fuzz: skipped: ${fuzz_budget} s left before the 23-minute mark"
 else
   fuzz_status=0
-  timeout --foreground "$fuzz_budget" ./scripts/fuzz.sh "$fuzz_seconds" || fuzz_status=$?
+  timeout "$fuzz_budget" ./scripts/fuzz.sh "$fuzz_seconds" || fuzz_status=$?
   if [ "$fuzz_status" -eq 124 ]; then
     echo "fuzz: cut short at the 23-minute mark (${fuzz_budget} s)"
   elif [ "$fuzz_status" -ne 0 ]; then
