@@ -8,9 +8,7 @@ mod outgoing;
 
 pub use incoming::{OpenReport, OpenRequest, Opened, SignerReport};
 pub use keys::{load_pem_credentials, load_pkcs12, load_private_dir, KeyError};
-pub use outgoing::{
-    complete_headers, missing_headers, RecipientReport, SealReport, SealRequest, Sealed,
-};
+pub use outgoing::{missing_headers, RecipientReport, SealReport, SealRequest, Sealed};
 
 use crate::address::{AddressError, DirectAddress};
 use crate::pki::Credential;

@@ -100,19 +100,9 @@ fn check_signing_credential(
     Ok(())
 }
 
-/// Adds Date and Message-ID when the original lacks them: every Direct
-/// message needs a Message-ID for delivery notifications to refer to.
-pub fn complete_headers(
-    message: &[u8],
-    from: &DirectAddress,
-) -> Result<(Vec<u8>, Option<String>), AgentError> {
-    let (mut prefix, message_id) = missing_headers(message, from)?;
-    prefix.extend_from_slice(message);
-    Ok((prefix, message_id))
-}
-
-/// The header lines [`complete_headers`] would put before the message
-/// (canonical CRLF, possibly none), and its Message-ID.
+/// The Date and Message-ID lines a message lacks (canonical CRLF, possibly
+/// none), to go before it, and its Message-ID: every Direct message needs a
+/// Message-ID for delivery notifications to refer to.
 pub fn missing_headers(
     message: &[u8],
     from: &DirectAddress,

@@ -11,7 +11,7 @@
 use super::jwt::{self, Jwk, SigningKey};
 use crate::config::{JwksSource, PullConfig, RegistryConfig};
 use crate::documents::index;
-use crate::store::{Storage, StoreError};
+use crate::store::{get_json, put_json, Storage, StoreError};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::collections::HashMap;
@@ -597,7 +597,8 @@ impl OAuth {
             ));
         }
         let scope = str_field("scope")?.map(|s| Scopes::grantable(&s).as_string());
-        let (app, secret) = self.create_app(
+        let (app, secret) = create_app(
+            &*self.store,
             name,
             str_field("client_uri")?,
             redirect_uris,
@@ -628,30 +629,6 @@ impl OAuth {
         }
         tracing::info!(client_id = %app.client_id, name = %app.name, registration = ?app.registration, "app registered");
         Ok(response)
-    }
-
-    /// Registers an app; returns it and its secret (confidential apps).
-    #[allow(clippy::too_many_arguments)]
-    pub fn create_app(
-        &self,
-        name: String,
-        client_uri: Option<String>,
-        redirect_uris: Vec<String>,
-        confidential: bool,
-        scope: Option<String>,
-        registration: Registration,
-        software_id: Option<String>,
-    ) -> Result<(App, Option<String>), OAuthError> {
-        create_app(
-            &*self.store,
-            name,
-            client_uri,
-            redirect_uris,
-            confidential,
-            scope,
-            registration,
-            software_id,
-        )
     }
 
     async fn registry_keys(
@@ -1064,7 +1041,7 @@ impl OAuth {
             (c.patient.clone(), c.scopes.clone(), c.nonce.clone())
         };
         let now = now_secs();
-        put(
+        put_json(
             &*self.store,
             GRANTS,
             &grant_id,
@@ -1102,7 +1079,7 @@ impl OAuth {
             expires: now + lifetime,
             rotated: false,
         };
-        put(&*self.store, TOKENS, &hash(&access), &record)?;
+        put_json(&*self.store, TOKENS, &hash(&access), &record)?;
         let mut response = json!({
             "access_token": access,
             "token_type": "Bearer",
@@ -1114,7 +1091,7 @@ impl OAuth {
             let refresh = random_token("hrt_")?;
             let expires =
                 refresh_expires.unwrap_or(now + self.config.refresh_token.as_secs() as i64);
-            put(
+            put_json(
                 &*self.store,
                 TOKENS,
                 &hash(&refresh),
@@ -1152,7 +1129,7 @@ impl OAuth {
             .get("refresh_token")
             .ok_or_else(|| err("invalid_request", "refresh_token is missing"))?;
         let key = hash(token);
-        let Some(mut rec) = get::<TokenRecord>(&*self.store, TOKENS, &key)? else {
+        let Some(mut rec) = get_json::<TokenRecord>(&*self.store, TOKENS, &key)? else {
             return Err(err("invalid_grant", "unknown or revoked refresh token"));
         };
         if !rec.refresh || rec.client_id != app.client_id {
@@ -1167,7 +1144,9 @@ impl OAuth {
             ));
         }
         let now = now_secs();
-        if rec.expires <= now || get::<GrantRecord>(&*self.store, GRANTS, &rec.grant)?.is_none() {
+        if rec.expires <= now
+            || get_json::<GrantRecord>(&*self.store, GRANTS, &rec.grant)?.is_none()
+        {
             return Err(err(
                 "invalid_grant",
                 "the refresh token has expired or was revoked",
@@ -1186,7 +1165,7 @@ impl OAuth {
             None => granted,
         };
         rec.rotated = true;
-        put(&*self.store, TOKENS, &key, &rec)?;
+        put_json(&*self.store, TOKENS, &key, &rec)?;
         self.issue(
             app,
             &rec.patient.clone(),
@@ -1210,7 +1189,7 @@ impl OAuth {
             .ok_or_else(|| err("invalid_request", "token is missing"))?;
         let key = hash(token);
         // Unknown tokens are not an error (RFC 7009 2.2).
-        if let Some(rec) = get::<TokenRecord>(&*self.store, TOKENS, &key)? {
+        if let Some(rec) = get_json::<TokenRecord>(&*self.store, TOKENS, &key)? {
             if rec.client_id != app.client_id {
                 return Ok(());
             }
@@ -1266,12 +1245,12 @@ impl OAuth {
         if token.len() > 512 {
             return Ok(None);
         }
-        let Some(rec) = get::<TokenRecord>(&*self.store, TOKENS, &hash(token))? else {
+        let Some(rec) = get_json::<TokenRecord>(&*self.store, TOKENS, &hash(token))? else {
             return Ok(None);
         };
         if rec.expires <= now_secs()
             || rec.rotated
-            || get::<GrantRecord>(&*self.store, GRANTS, &rec.grant)?.is_none()
+            || get_json::<GrantRecord>(&*self.store, GRANTS, &rec.grant)?.is_none()
             || self.app(&rec.client_id)?.is_none()
         {
             return Ok(None);
@@ -1309,29 +1288,12 @@ impl OAuth {
     }
 }
 
-fn get<T: for<'de> Deserialize<'de>>(
-    store: &dyn Storage,
-    kind: &str,
-    key: &str,
-) -> Result<Option<T>, OAuthError> {
-    Ok(crate::store::get_json(store, kind, key)?)
-}
-
-fn put<T: Serialize>(
-    store: &dyn Storage,
-    kind: &str,
-    key: &str,
-    value: &T,
-) -> Result<(), OAuthError> {
-    Ok(crate::store::put_json(store, kind, key, value)?)
-}
-
 /// A registered app, by client_id.
 pub fn app(store: &dyn Storage, client_id: &str) -> Result<Option<App>, OAuthError> {
     if client_id.is_empty() || client_id.len() > 128 {
         return Ok(None);
     }
-    get(store, APPS, client_id)
+    Ok(get_json(store, APPS, client_id)?)
 }
 
 /// Every registered app, by name.
@@ -1404,7 +1366,7 @@ pub fn create_app(
         software_id,
         created: now_secs(),
     };
-    put(store, APPS, &app.client_id, &app)?;
+    put_json(store, APPS, &app.client_id, &app)?;
     Ok((app, secret))
 }
 

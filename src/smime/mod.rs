@@ -277,15 +277,9 @@ const ENVELOPED_HEADERS: &[u8] = b"Content-Type: application/pkcs7-mime; smime-t
 
 /// The MIME headers of an enveloped-data body, followed by the base64 body.
 pub fn enveloped_entity(der: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    enveloped_entity_into(der, &mut out);
+    let mut out = ENVELOPED_HEADERS.to_vec();
+    mime::encode_base64_lines_into(der, &mut out);
     out
-}
-
-/// [`enveloped_entity`] appended to `out` (no intermediate copy).
-pub fn enveloped_entity_into(der: &[u8], out: &mut Vec<u8>) {
-    out.extend_from_slice(ENVELOPED_HEADERS);
-    mime::encode_base64_lines_into(der, out);
 }
 
 /// What kind of encryption an incoming message used.
