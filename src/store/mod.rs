@@ -1,8 +1,9 @@
 //! Persistence behind one narrow trait: message bodies in fsynced spool
 //! files, everything else (queue jobs, mailbox indexes, users) in a sled
 //! index. Nothing is acknowledged before it is on disk: `spool` returns only
-//! after the file is fsynced and renamed and the directory fsynced; every
-//! index write is flushed before it returns.
+//! after the file and its directory are fsynced; every index write is
+//! flushed before it returns, except a finished job's removal, which the
+//! move of its spool file to `done/` makes stick (see `SledStore`).
 
 mod sled_store;
 
@@ -138,7 +139,8 @@ pub trait Storage: Send + Sync {
     /// Records a new job (its message already spooled). Durable on return.
     fn enqueue(&self, job: &Job) -> Result<(), StoreError>;
     fn update_job(&self, job: &Job) -> Result<(), StoreError>;
-    /// Removes a finished job and its spool file.
+    /// Removes a finished job and its spool file. Survives a crash of the
+    /// process at once; the index removal is flushed with the next write.
     fn finish_job(&self, id: &str) -> Result<(), StoreError>;
     fn job(&self, id: &str) -> Result<Option<Job>, StoreError>;
     fn jobs(&self) -> Result<Vec<Job>, StoreError>;
