@@ -1,9 +1,14 @@
 //! Trust anchors on disk: files of one or many certificates, PEM or DER.
 
-use super::{fingerprint, subject_line, TrustError};
-use openssl::x509::X509;
+use super::{fingerprint, subject_line, TrustError, TrustPath};
+use openssl::asn1::{Asn1Time, Asn1TimeRef};
+use openssl::hash::MessageDigest;
+use openssl::x509::{X509Ref, X509};
+use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// One trusted certificate and where it came from.
 #[derive(Clone)]
@@ -26,6 +31,49 @@ impl Anchor {
 #[derive(Clone, Default)]
 pub struct AnchorSet {
     anchors: Vec<Anchor>,
+    /// Paths already validated against exactly these anchors (shared by
+    /// clones; a changed set starts a new one).
+    verified: Arc<Mutex<HashMap<Vec<u8>, VerifiedPath>>>,
+}
+
+/// A successful path validation, reused while the time of a check is
+/// within every certificate's validity and for at most [`VERIFIED_TTL`].
+#[derive(Clone)]
+pub(super) struct VerifiedPath {
+    pub path: TrustPath,
+    pub certs: Vec<X509>,
+    valid_from: i64,
+    valid_until: i64,
+    stored: Instant,
+}
+
+/// How long a validated path is reused. Revocation is not part of it (CRLs
+/// are checked on every use); expiry is, through the validity window.
+const VERIFIED_TTL: Duration = Duration::from_secs(300);
+const VERIFIED_MAX: usize = 4096;
+
+fn unix(t: &Asn1TimeRef) -> Option<i64> {
+    let epoch = Asn1Time::from_unix(0).ok()?;
+    let d = epoch.diff(t).ok()?;
+    Some(i64::from(d.days) * 86_400 + i64::from(d.secs))
+}
+
+impl VerifiedPath {
+    pub(super) fn new(path: TrustPath, certs: Vec<X509>) -> Option<VerifiedPath> {
+        let mut valid_from = i64::MIN;
+        let mut valid_until = i64::MAX;
+        for c in &certs {
+            valid_from = valid_from.max(unix(c.not_before())?);
+            valid_until = valid_until.min(unix(c.not_after())?);
+        }
+        Some(VerifiedPath {
+            path,
+            certs,
+            valid_from,
+            valid_until,
+            stored: Instant::now(),
+        })
+    }
 }
 
 impl AnchorSet {
@@ -49,7 +97,37 @@ impl AnchorSet {
         let fp = anchor.fingerprint();
         if !self.anchors.iter().any(|a| a.fingerprint() == fp) {
             self.anchors.push(anchor);
+            self.verified = Arc::default();
         }
+    }
+
+    /// The key of a validation of `leaf` with `untrusted` intermediates.
+    pub(super) fn path_key(leaf: &X509Ref, untrusted: &[X509]) -> Option<Vec<u8>> {
+        let mut key = leaf.digest(MessageDigest::sha256()).ok()?.to_vec();
+        for c in untrusted {
+            key.extend_from_slice(&c.digest(MessageDigest::sha256()).ok()?);
+        }
+        Some(key)
+    }
+
+    pub(super) fn verified_path(&self, key: &[u8], at: i64) -> Option<VerifiedPath> {
+        let cache = self.verified.lock().unwrap_or_else(|p| p.into_inner());
+        cache
+            .get(key)
+            .filter(|v| v.valid_from <= at && at <= v.valid_until)
+            .filter(|v| v.stored.elapsed() < VERIFIED_TTL)
+            .cloned()
+    }
+
+    pub(super) fn remember_path(&self, key: Vec<u8>, verified: VerifiedPath) {
+        let mut cache = self.verified.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() >= VERIFIED_MAX {
+            cache.retain(|_, v| v.stored.elapsed() < VERIFIED_TTL);
+            if cache.len() >= VERIFIED_MAX {
+                cache.clear();
+            }
+        }
+        cache.insert(key, verified);
     }
 
     pub fn extend(&mut self, other: &AnchorSet) {
@@ -165,5 +243,76 @@ fn pkcs7_certificates(p7: &openssl::pkcs7::Pkcs7) -> Result<Vec<X509>, String> {
         Err("PKCS#7 structure carries no certificates".into())
     } else {
         Ok(certs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pki::{self, LeafSpec};
+    use crate::trust::{validate, Direction};
+
+    fn cached(set: &AnchorSet) -> usize {
+        set.verified.lock().unwrap().len()
+    }
+
+    #[test]
+    fn a_validated_path_is_reused_but_never_past_a_certificates_validity_or_a_changed_set() {
+        let ca = pki::new_ca("Cache Test CA", 2048).unwrap();
+        let leaf = pki::issue(&ca, &LeafSpec::address("bob@b.example").days(10)).unwrap();
+        let mut set = AnchorSet::from_certs(vec![ca.cert.clone()], Path::new("ca.pem"));
+        let now = crate::agent::now();
+        let first = validate(&leaf.cert, &[], &set, now, "a.example", Direction::Outgoing).unwrap();
+        assert_eq!(cached(&set), 1);
+        let again = validate(
+            &leaf.cert,
+            &[],
+            &set,
+            now + 60,
+            "a.example",
+            Direction::Outgoing,
+        )
+        .unwrap();
+        assert_eq!(again.chain, first.chain);
+        assert_eq!(cached(&set), 1);
+
+        // Eleven days on the leaf has expired: the cached path must not hide it.
+        let later = now + 11 * 86_400;
+        assert!(matches!(
+            validate(
+                &leaf.cert,
+                &[],
+                &set,
+                later,
+                "a.example",
+                Direction::Outgoing
+            ),
+            Err(TrustError::Expired { .. })
+        ));
+        // Nor may it outlive the anchors it was validated against.
+        let other = AnchorSet::from_certs(
+            vec![pki::new_ca("Other CA", 2048).unwrap().cert],
+            Path::new("other.pem"),
+        );
+        assert!(validate(
+            &leaf.cert,
+            &[],
+            &other,
+            now,
+            "a.example",
+            Direction::Outgoing
+        )
+        .is_err());
+        let shared = set.clone();
+        set.add(Anchor {
+            cert: pki::new_ca("Added CA", 2048).unwrap().cert,
+            source: PathBuf::from("added.pem"),
+        });
+        assert_eq!(
+            cached(&set),
+            0,
+            "a changed set starts with nothing validated"
+        );
+        assert_eq!(cached(&shared), 1, "an unchanged clone keeps its paths");
     }
 }

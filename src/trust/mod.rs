@@ -6,6 +6,7 @@ mod anchors;
 pub mod bundle;
 pub mod revocation;
 
+use anchors::VerifiedPath;
 pub use anchors::{parse_certificates, read_certificates, Anchor, AnchorSet};
 
 use crate::address::DirectAddress;
@@ -197,6 +198,12 @@ fn verify_path(
             direction: direction.to_string(),
         });
     }
+    // Sending to the same partner validates the same certificate again and
+    // again: a path found before is reused (see `VerifiedPath`).
+    let key = AnchorSet::path_key(leaf, untrusted);
+    if let Some(hit) = key.as_deref().and_then(|k| anchors.verified_path(k, at)) {
+        return Ok((hit.path, hit.certs));
+    }
     let mut store = X509StoreBuilder::new()?;
     for a in anchors.iter() {
         store.add_cert(a.cert.clone())?;
@@ -234,6 +241,11 @@ fn verify_path(
             anchor: CertSummary::of(&anchor_cert),
             anchor_source: source,
         };
+        if let Some(cached) =
+            key.and_then(|k| Some((k, VerifiedPath::new(path.clone(), verified.clone())?)))
+        {
+            anchors.remember_path(cached.0, cached.1);
+        }
         return Ok((path, verified));
     }
     let at_fault = failing.unwrap_or_else(|| leaf.to_owned());
