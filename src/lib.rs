@@ -3,6 +3,7 @@
 pub mod address;
 pub mod agent;
 pub mod anchors;
+pub mod budget;
 pub mod config;
 pub mod demo;
 pub mod discovery;

@@ -136,6 +136,7 @@ impl Worker {
                 );
                 task_jobs.insert(handle.id(), (id, size));
                 bytes_in_flight += size;
+                self.hub.memory.delivery_started(size);
             }
             // Timeouts are in seconds: no need to read every tracking record
             // on each wake-up of a busy queue.
@@ -159,6 +160,7 @@ impl Worker {
                     if let Some((job, size)) = id.and_then(|id| task_jobs.remove(&id)) {
                         in_flight.remove(&job);
                         bytes_in_flight -= size;
+                        self.hub.memory.delivery_ended(size);
                         // A job still pending is rescheduled by the next scan.
                         next_scan = next_scan.min(tokio::time::Instant::now() + Duration::from_millis(200));
                     }

@@ -88,6 +88,8 @@ pub struct Hub {
     pub(crate) revocation: crate::trust::revocation::RevocationChecker,
     pub(crate) edge_relays: HashMap<String, String>,
     pub(crate) per_ip: Mutex<HashMap<IpAddr, usize>>,
+    /// `[delivery] memory_budget_mb`, shared by the queue and the listeners.
+    pub(crate) memory: Arc<crate::budget::MemoryBudget>,
 }
 
 pub(crate) fn audit(event: &str, detail: &str) {
@@ -991,6 +993,9 @@ impl Daemon {
             .iter()
             .filter_map(|d| d.edge_relay.clone().map(|r| (d.name.clone(), r)))
             .collect();
+        let memory = Arc::new(crate::budget::MemoryBudget::new(
+            settings.delivery.memory_budget,
+        ));
         let session = |kind| {
             Arc::new(SessionConfig {
                 hostname: settings.server.hostname.clone(),
@@ -1001,6 +1006,7 @@ impl Daemon {
                 command_timeout: settings.server.command_timeout,
                 data_timeout: settings.server.data_timeout,
                 trusted_networks: settings.server.submission_trusted_networks.clone(),
+                memory: Some(memory.clone()),
             })
         };
         let mx_config = session(ListenerKind::Mx);
@@ -1054,6 +1060,7 @@ impl Daemon {
             fresh_rx: Mutex::new(Some(fresh_rx)),
             edge_relays,
             per_ip: Mutex::new(HashMap::new()),
+            memory,
             changes: tokio::sync::broadcast::channel(256).0,
             config_path: config_file.map(Path::to_path_buf),
             revocation: crate::trust::revocation::RevocationChecker::new(

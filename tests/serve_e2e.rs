@@ -463,5 +463,30 @@ fn large_messages_are_delivered_within_the_memory_budget() {
         3,
         "{log}"
     );
+    // The three come on one connection, each sent as soon as the previous
+    // one is accepted: the second and third are read only once the delivery
+    // before them ends (the sink holds each for a second), so no more than
+    // one is in memory at a time.
+    let paused: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("receiving paused for the memory budget"))
+        .collect();
+    assert_eq!(paused.len(), 2, "{log}");
+    let position = |needle: &str, nth: usize| {
+        log.lines()
+            .enumerate()
+            .filter(|(_, l)| l.contains(needle))
+            .nth(nth)
+            .map(|(i, _)| i)
+            .unwrap_or_else(|| panic!("no {needle} #{nth}: {log}"))
+    };
+    for n in 0..2 {
+        assert!(
+            position("delivery attempt", n) < position("receiving paused", n)
+                && position("receiving paused", n) < position("accepted for delivery", n + 1),
+            "message {} was read after message {n} was delivered: {log}",
+            n + 1
+        );
+    }
     drop(net.bind.take());
 }

@@ -169,6 +169,9 @@ pub struct SessionConfig {
     pub data_timeout: Duration,
     /// Clients that may submit without AUTH (submission listener only).
     pub trusted_networks: Vec<Network>,
+    /// When set, a large message is received only as fast as the memory
+    /// budget allows (see [`crate::budget`]).
+    pub memory: Option<Arc<crate::budget::MemoryBudget>>,
 }
 
 /// Session state that survives STARTTLS.
@@ -560,6 +563,7 @@ async fn receive_data<S: AsyncRead + Unpin>(
     let mut receiver = DataReceiver::new();
     let mut message = Vec::new();
     let mut too_big = false;
+    let mut next_check = config.memory.as_ref().map(|m| m.next_check(0));
     loop {
         let mut iter = pending.iter();
         let done = if too_big {
@@ -588,10 +592,33 @@ async fn receive_data<S: AsyncRead + Unpin>(
                 Ok(message)
             });
         }
+        if let (Some(memory), Some(at)) = (&config.memory, next_check) {
+            let held = message.len() as u64;
+            if held >= at && !too_big {
+                // Within the client's 3-minute data block timeout (RFC 5321).
+                let waited = memory
+                    .wait_for_room(held, DATA_PAUSE_LIMIT.min(config.data_timeout))
+                    .await;
+                if !waited.is_zero() {
+                    tracing::info!(
+                        held,
+                        in_delivery = memory.in_delivery(),
+                        waited_ms = waited.as_millis() as u64,
+                        "receiving paused for the memory budget"
+                    );
+                }
+                next_check = Some(memory.next_check(held));
+            }
+        }
         let n = read_some(stream, buf, config.data_timeout).await?;
         pending.extend_from_slice(&buf[..n]);
     }
 }
+
+/// The longest a session stops reading DATA for the memory budget: below
+/// the 3 minutes a client waits for a data block (RFC 5321 4.5.3.2.6), so a
+/// slow delivery delays a sender but does not fail it.
+const DATA_PAUSE_LIMIT: Duration = Duration::from_secs(120);
 
 async fn authenticate<S: AsyncRead + AsyncWrite + Unpin, H: SmtpHandler>(
     stream: &mut S,
@@ -725,6 +752,7 @@ mod tests {
             command_timeout: Duration::from_secs(5),
             data_timeout: Duration::from_secs(5),
             trusted_networks,
+            memory: None,
         });
         let h = handler.clone();
         tokio::spawn(async move {
