@@ -322,17 +322,30 @@ pub fn parse_encrypted(message: &[u8]) -> Result<Encrypted, SmimeError> {
 /// its body is decoded, so the message, its decoding and the parsed
 /// structure are never all in memory. Also returns the message's header
 /// section (its headers and the empty line).
-pub fn parse_encrypted_owned(message: Vec<u8>) -> Result<(Encrypted, Vec<u8>), SmimeError> {
-    let (der, media_type, body_at) = encrypted_body(&message)?;
-    let mut headers = message;
-    headers.truncate(body_at);
-    headers.shrink_to_fit();
-    Ok((parse_enveloped(der, media_type)?, headers))
+pub fn parse_encrypted_owned(mut message: Vec<u8>) -> Result<(Encrypted, Vec<u8>), SmimeError> {
+    // The body is decoded where it lies: the received message and its
+    // decoding are never both held whole.
+    let (body, base64, media_type) = {
+        let entity = encrypted_entity(&message)?;
+        let at = entity.body.as_ptr() as usize - message.as_ptr() as usize;
+        (
+            at..at + entity.body.len(),
+            entity.is_base64(),
+            entity.content_type().mime_type,
+        )
+    };
+    let headers = message[..body.start].to_vec();
+    if base64 {
+        mime::decode_base64_in_place(&mut message, body)?;
+    } else {
+        message.truncate(body.end);
+        message.drain(..body.start);
+    }
+    Ok((parse_enveloped(message, media_type)?, headers))
 }
 
-/// The decoded body of an encrypted message, its media type, and where its
-/// body starts.
-fn encrypted_body(message: &[u8]) -> Result<(Vec<u8>, String, usize), SmimeError> {
+/// The entity of an encrypted message: refuses anything else.
+fn encrypted_entity(message: &[u8]) -> Result<Entity<'_>, SmimeError> {
     let entity = Entity::parse(message)?;
     let ct = entity.content_type();
     if !(ct.is("application/pkcs7-mime") || ct.is("application/x-pkcs7-mime")) {
@@ -347,8 +360,19 @@ fn encrypted_body(message: &[u8]) -> Result<(Vec<u8>, String, usize), SmimeError
             )));
         }
     }
+    Ok(entity)
+}
+
+/// The decoded body of an encrypted message, its media type, and where its
+/// body starts.
+fn encrypted_body(message: &[u8]) -> Result<(Vec<u8>, String, usize), SmimeError> {
+    let entity = encrypted_entity(message)?;
     let body_at = entity.body.as_ptr() as usize - message.as_ptr() as usize;
-    Ok((entity.decoded_body()?, ct.mime_type, body_at))
+    Ok((
+        entity.decoded_body()?,
+        entity.content_type().mime_type,
+        body_at,
+    ))
 }
 
 /// The (Auth)EnvelopedData in `der`, which is dropped once parsed.
