@@ -552,9 +552,10 @@ impl Signed {
         let flags = CMSOptions::NO_SIGNER_CERT_VERIFY | CMSOptions::BINARY;
         let mut out = Vec::new();
         let result = if self.detached {
-            let first = self
-                .cms
-                .verify(None, None, Some(&self.content), None, flags);
+            let verify = |cms: &CmsContentInfo, content: &[u8]| {
+                ffi::verify_detached(cms, content, flags.bits())
+            };
+            let first = verify(&self.cms, &self.content);
             if first.is_err()
                 && self
                     .content
@@ -563,7 +564,7 @@ impl Signed {
             {
                 // Some relays turn CRLF into LF; the signature was made over CRLF.
                 let canonical = to_crlf(&self.content).into_owned();
-                let again = self.cms.verify(None, None, Some(&canonical), None, flags);
+                let again = verify(&self.cms, &canonical);
                 if again.is_ok() {
                     self.content = canonical;
                 }
