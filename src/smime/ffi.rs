@@ -365,6 +365,7 @@ pub fn decrypt<T: HasPrivate>(
     cms: &CmsContentInfo,
     key: &PKeyRef<T>,
     cert: &X509Ref,
+    detached: Option<&[u8]>,
     size_hint: usize,
 ) -> Result<Vec<u8>, ErrorStack> {
     // SAFETY: all pointers are valid while `cms`, `key` and `cert` live; the
@@ -374,16 +375,36 @@ pub fn decrypt<T: HasPrivate>(
         if nid != Nid::PKCS7_ENVELOPED && nid.short_name().ok() != Some(AUTH_ENVELOPED_SN) {
             return Err(ErrorStack::get());
         }
-        // Detached encrypted content would decrypt to nothing at all.
+        // The encrypted content is in the structure or given beside it,
+        // never both and never neither (that would decrypt to nothing).
         let content = CMS_get0_content(cms.as_ptr());
-        if content.is_null() || (*content).is_null() {
+        let inside = !content.is_null() && !(*content).is_null();
+        if inside == detached.is_some() {
             return Err(ErrorStack::get());
         }
         if CMS_decrypt_set1_pkey(cms.as_ptr(), key.as_ptr(), cert.as_ptr()) != 1 {
             return Err(ErrorStack::get());
         }
-        let bio = CMS_dataInit(cms.as_ptr(), ptr::null_mut());
+        // A read-only memory BIO over the detached bytes; CMS_dataInit puts
+        // it at the end of the chain, which ChainBio frees.
+        let input = match detached {
+            Some(bytes) => {
+                let Ok(len) = c_int::try_from(bytes.len()) else {
+                    return Err(ErrorStack::get());
+                };
+                let b = sys::BIO_new_mem_buf(bytes.as_ptr() as *const c_void, len);
+                if b.is_null() {
+                    return Err(ErrorStack::get());
+                }
+                b
+            }
+            None => ptr::null_mut(),
+        };
+        let bio = CMS_dataInit(cms.as_ptr(), input);
         if bio.is_null() {
+            if !input.is_null() {
+                BIO_free(input);
+            }
             return Err(ErrorStack::get());
         }
         let bio = ChainBio(bio);
@@ -689,11 +710,11 @@ mod tests {
                 .expect("encrypt");
             let der = cms.to_der().unwrap();
             for hint in [0, der.len()] {
-                let plain = decrypt(&cms, &id.key, &id.cert, hint).expect("decrypt");
+                let plain = decrypt(&cms, &id.key, &id.cert, None, hint).expect("decrypt");
                 assert_eq!(plain, content);
             }
             assert!(
-                decrypt(&cms, &other.key, &other.cert, 0).is_err(),
+                decrypt(&cms, &other.key, &other.cert, None, 0).is_err(),
                 "not a recipient"
             );
             // A changed byte in the last block: bad padding (CBC) or a
@@ -708,7 +729,7 @@ mod tests {
             tampered[at] ^= 0x55;
             let tampered = CmsContentInfo::from_der(&tampered).expect("still parses");
             assert!(
-                decrypt(&tampered, &id.key, &id.cert, 0).is_err(),
+                decrypt(&tampered, &id.key, &id.cert, None, 0).is_err(),
                 "tampering is caught"
             );
         }
@@ -716,7 +737,7 @@ mod tests {
         let chain = Stack::new().unwrap();
         let signed =
             sign_detached(b"x", &id.cert, &id.key, &chain, MessageDigest::sha256()).unwrap();
-        assert!(decrypt(&signed, &id.key, &id.cert, 0).is_err());
+        assert!(decrypt(&signed, &id.key, &id.cert, None, 0).is_err());
     }
 
     #[test]

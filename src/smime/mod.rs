@@ -301,7 +301,16 @@ pub struct Encrypted {
     pub info: EnvelopeInfo,
     /// The size of the encoded structure: the content is no longer.
     size_hint: usize,
+    /// For a large message, the encrypted content, kept out of `cms` (see
+    /// [`DETACH_ABOVE`]): the buffer and where in it the content lies.
+    detached: Option<(Vec<u8>, std::ops::Range<usize>)>,
 }
+
+/// Structures larger than this are parsed without their encrypted content,
+/// which is decrypted straight from the received buffer: OpenSSL would copy
+/// it, and a chunked (BER) content it joins by growing a buffer, briefly
+/// holding it twice more (a 100 MB message peaked at 2.6 times its size).
+const DETACH_ABOVE: usize = 1 << 20;
 
 fn nid_name(nid: Nid) -> String {
     nid.short_name()
@@ -375,9 +384,30 @@ fn encrypted_body(message: &[u8]) -> Result<(Vec<u8>, String, usize), SmimeError
     ))
 }
 
-/// The (Auth)EnvelopedData in `der`, which is dropped once parsed.
-fn parse_enveloped(der: Vec<u8>, media_type: String) -> Result<Encrypted, SmimeError> {
-    let cms = CmsContentInfo::from_der(&der).map_err(|e| SmimeError::BadCms(openssl_reason(&e)))?;
+/// The (Auth)EnvelopedData in `der`, which is dropped once parsed (or, when
+/// large, kept for its encrypted content).
+fn parse_enveloped(mut der: Vec<u8>, media_type: String) -> Result<Encrypted, SmimeError> {
+    let split = match der.len() > DETACH_ABOVE {
+        true => der_walk::detach_encrypted_content(&mut der),
+        false => None,
+    };
+    // The cipher is read from the sender's own encoding (DER or BER):
+    // re-encoding would copy the whole encrypted content once more.
+    let cipher_of = |der: &[u8]| {
+        der_walk::content_encryption_oid(der)
+            .map(|oid| oid_name(&oid))
+            .unwrap_or_else(|| "unknown".into())
+    };
+    let parse = |der: &[u8]| {
+        CmsContentInfo::from_der(der).map_err(|e| SmimeError::BadCms(openssl_reason(&e)))
+    };
+    let (cms, content_cipher, detached, size_hint) = match split {
+        Some((small, range)) => {
+            let size = range.len();
+            (parse(&small)?, cipher_of(&small), Some((der, range)), size)
+        }
+        None => (parse(&der)?, cipher_of(&der), None, der.len()),
+    };
     let ctype = ffi::content_type(&cms);
     let structure = if ctype == Nid::PKCS7_ENVELOPED {
         "enveloped-data"
@@ -390,18 +420,14 @@ fn parse_enveloped(der: Vec<u8>, media_type: String) -> Result<Encrypted, SmimeE
     } else {
         return Err(SmimeError::NotEnveloped(nid_name(ctype)));
     };
-    // Read from the sender's own encoding (DER or BER): re-encoding would
-    // copy the whole encrypted content once more.
-    let content_cipher = der_walk::content_encryption_oid(&der)
-        .map(|oid| oid_name(&oid))
-        .unwrap_or_else(|| "unknown".into());
     let key_transport = ffi::key_transport_recipients(&cms, None)
         .into_iter()
         .map(|(nid, _)| nid_name(nid))
         .collect();
     Ok(Encrypted {
         cms,
-        size_hint: der.len(),
+        size_hint,
+        detached,
         info: EnvelopeInfo {
             structure: structure.into(),
             content_cipher,
@@ -432,7 +458,11 @@ impl Encrypted {
 
     /// Decrypts with one credential (which must be a recipient).
     pub fn decrypt(&self, cred: &Credential) -> Result<Vec<u8>, SmimeError> {
-        ffi::decrypt(&self.cms, &cred.key, &cred.cert, self.size_hint).map_err(|e| {
+        let detached = self
+            .detached
+            .as_ref()
+            .map(|(buf, range)| &buf[range.clone()]);
+        ffi::decrypt(&self.cms, &cred.key, &cred.cert, detached, self.size_hint).map_err(|e| {
             SmimeError::DecryptFailed {
                 subject: crate::trust::subject(&cred.cert),
                 why: openssl_reason(&e),
@@ -694,6 +724,117 @@ mod der_walk {
         )
     }
 
+    /// A node's place in a buffer: where its header starts, where its
+    /// content starts and ends, and where it ends (after the end-of-contents
+    /// octets when its length is indefinite).
+    #[derive(Clone, Copy, Debug)]
+    struct Node {
+        tag: u8,
+        start: usize,
+        content: usize,
+        content_end: usize,
+        end: usize,
+        indefinite: bool,
+    }
+
+    fn node_at(data: &[u8], start: usize) -> Option<Node> {
+        let at = data.get(start..)?;
+        let (tag, body, rest) = tlv(at)?;
+        let content = body.as_ptr() as usize - data.as_ptr() as usize;
+        let indefinite = at.get(1) == Some(&0x80);
+        let content_end = content + body.len();
+        Some(Node {
+            tag,
+            start,
+            content,
+            content_end,
+            end: data.len() - rest.len(),
+            indefinite,
+        })
+    }
+
+    /// The children of `parent`, in order.
+    fn children(data: &[u8], parent: &Node) -> Option<Vec<Node>> {
+        let mut out = Vec::new();
+        let mut at = parent.content;
+        while at < parent.content_end {
+            let n = node_at(&data[..parent.content_end], at)?;
+            at = n.end;
+            out.push(n);
+        }
+        Some(out)
+    }
+
+    fn header(tag: u8, len: Option<usize>) -> Vec<u8> {
+        let mut h = vec![tag];
+        match len {
+            None => h.push(0x80),
+            Some(l) if l < 0x80 => h.push(l as u8),
+            Some(l) => {
+                let bytes = (l as u64).to_be_bytes();
+                let skip = bytes.iter().take_while(|b| **b == 0).count();
+                h.push(0x80 | (8 - skip) as u8);
+                h.extend_from_slice(&bytes[skip..]);
+            }
+        }
+        h
+    }
+
+    /// `node` re-encoded with `inner` (a child) replaced by `replacement`.
+    fn rebuild(data: &[u8], node: &Node, inner: &Node, replacement: &[u8]) -> Vec<u8> {
+        let mut content = data[node.content..inner.start].to_vec();
+        content.extend_from_slice(replacement);
+        content.extend_from_slice(&data[inner.end..node.content_end]);
+        let mut out = header(node.tag, (!node.indefinite).then_some(content.len()));
+        out.extend_from_slice(&content);
+        if node.indefinite {
+            out.extend_from_slice(&[0, 0]);
+        }
+        out
+    }
+
+    /// Takes the encrypted content out of an (Auth)EnvelopedData: returns
+    /// the structure without it (as if the content were detached: a few
+    /// hundred bytes to parse instead of the whole message) and the range
+    /// of `buf` where the encrypted bytes now lie contiguously. A
+    /// constructed (BER, chunked) content is joined in place. `None` when
+    /// the structure is not one this understands; the caller then parses
+    /// it whole.
+    pub fn detach_encrypted_content(buf: &mut [u8]) -> Option<(Vec<u8>, std::ops::Range<usize>)> {
+        let data: &[u8] = buf;
+        let content_info = node_at(data, 0)?;
+        let ci = children(data, &content_info)?;
+        let explicit = *ci.get(1).filter(|n| n.tag == 0xa0)?;
+        let enveloped = node_at(&data[..explicit.content_end], explicit.content)?;
+        let eci = *children(data, &enveloped)?
+            .iter()
+            .skip(1)
+            .find(|n| n.tag == 0x30)?;
+        let parts = children(data, &eci)?;
+        let encrypted = *parts.get(2)?;
+        let pieces: Vec<std::ops::Range<usize>> = match encrypted.tag {
+            0x80 => std::iter::once(encrypted.content..encrypted.content_end).collect(),
+            0xa0 => children(data, &encrypted)?
+                .iter()
+                .map(|c| (c.tag == 0x04 && !c.indefinite).then_some(c.content..c.content_end))
+                .collect::<Option<_>>()?,
+            _ => return None,
+        };
+        let eci_new = rebuild(data, &eci, &encrypted, &[]);
+        let enveloped_new = rebuild(data, &enveloped, &eci, &eci_new);
+        let explicit_new = rebuild(data, &explicit, &enveloped, &enveloped_new);
+        let small = rebuild(data, &content_info, &explicit, &explicit_new);
+        // Join the pieces where the first begins: each moves left or stays.
+        let start = pieces.first().map(|p| p.start).unwrap_or(encrypted.content);
+        let mut end = start;
+        for p in pieces {
+            let len = p.end - p.start;
+            buf.copy_within(p, end);
+            end += len;
+        }
+        Some((small, start..end))
+    }
+
     /// ContentInfo → [0] → (Auth)EnvelopedData → (Auth)EncryptedContentInfo → algorithm OID.
     pub fn content_encryption_oid(der: &[u8]) -> Option<String> {
         let (_, content_info, _) = tlv(der)?;
@@ -743,6 +884,87 @@ mod tests {
                 );
                 assert_eq!(parsed.decrypt(&id).expect("decrypt"), entity);
             }
+        }
+    }
+
+    #[test]
+    fn large_structures_decrypt_from_the_received_buffer_with_the_content_detached() {
+        use openssl::cms::CMSOptions;
+        let id = identity();
+        let to = std::slice::from_ref(&id.cert);
+        let mut entity = b"Content-Type: application/octet-stream\r\n\r\n".to_vec();
+        entity.extend((0..2_500_000u32).map(|i| (i % 251) as u8));
+        let der = encrypt(
+            &entity,
+            to,
+            ContentCipher::Aes256Cbc,
+            KeyTransport::RsaPkcs1,
+        )
+        .expect("encrypt");
+        let mut streamed = Vec::new();
+        encrypt_entity_into(
+            &[&entity],
+            to,
+            ContentCipher::Aes128Cbc,
+            KeyTransport::RsaOaep,
+            &mut streamed,
+        )
+        .expect("stream");
+        let mut certs = openssl::stack::Stack::new().unwrap();
+        certs.push(id.cert.clone()).unwrap();
+        let gcm = CmsContentInfo::encrypt(
+            &certs,
+            &entity,
+            openssl::symm::Cipher::aes_256_gcm(),
+            CMSOptions::BINARY,
+        )
+        .and_then(|c| c.to_der())
+        .expect("AuthEnvelopedData");
+        for (name, message) in [
+            ("DER", enveloped_entity(&der)),
+            ("streamed BER", streamed),
+            ("AES-GCM", enveloped_entity(&gcm)),
+        ] {
+            let parsed = parse_encrypted(&message).expect(name);
+            assert!(
+                parsed.detached.is_some(),
+                "{name}: parsed without its content"
+            );
+            assert_eq!(parsed.decrypt(&id).expect(name), entity, "{name}");
+        }
+        let tampered = {
+            let mut g = gcm.clone();
+            let middle = g.len() / 2;
+            g[middle] ^= 1;
+            enveloped_entity(&g)
+        };
+        let parsed = parse_encrypted(&tampered).expect("parses");
+        assert!(parsed.detached.is_some());
+        assert!(
+            parsed.decrypt(&id).is_err(),
+            "a changed byte fails the GCM tag"
+        );
+
+        // A structure without encrypted content, or content given twice.
+        let mut whole = der.clone();
+        let (small, range) = der_walk::detach_encrypted_content(&mut whole).expect("detach");
+        let without = CmsContentInfo::from_der(&small).expect("small parses");
+        assert!(ffi::decrypt(&without, &id.key, &id.cert, None, 0).is_err());
+        let with = CmsContentInfo::from_der(&der).expect("parses");
+        assert!(ffi::decrypt(&with, &id.key, &id.cert, Some(&whole[range.clone()]), 0).is_err());
+        assert_eq!(
+            ffi::decrypt(&without, &id.key, &id.cert, Some(&whole[range]), 0).expect("detached"),
+            entity
+        );
+        assert!(der_walk::detach_encrypted_content(&mut [0x30, 0x80, 0x02, 0x01]).is_none());
+        // Damaged structures: no panic, whatever comes back.
+        let header_len = 1200.min(der.len());
+        for i in 0..header_len {
+            let mut damaged = der[..header_len + 300].to_vec();
+            damaged[i] ^= 0x85;
+            let _ = der_walk::detach_encrypted_content(&mut damaged);
+            let mut cut = der[..i].to_vec();
+            let _ = der_walk::detach_encrypted_content(&mut cut);
         }
     }
 
