@@ -107,7 +107,9 @@ impl Worker {
                 let Some(job) = ready.pop_front() else { break };
                 // A missing spool file is the job's own failure to report.
                 let size = self.hub.store.spool_len(&job.spool).unwrap_or(0);
-                if !tasks.is_empty() && bytes_in_flight.saturating_add(size) > budget {
+                // What sealing and sending it takes, against what the others take.
+                let cost = crate::budget::delivery_cost(size);
+                if !tasks.is_empty() && self.hub.memory.in_delivery().saturating_add(cost) > budget {
                     // Waits, first in line, for deliveries to finish.
                     ready.push_front(job);
                     break;
@@ -136,7 +138,7 @@ impl Worker {
                 );
                 task_jobs.insert(handle.id(), (id, size));
                 bytes_in_flight += size;
-                self.hub.memory.delivery_started(size);
+                self.hub.memory.delivery_started(cost);
             }
             // Timeouts are in seconds: no need to read every tracking record
             // on each wake-up of a busy queue.
@@ -160,7 +162,7 @@ impl Worker {
                     if let Some((job, size)) = id.and_then(|id| task_jobs.remove(&id)) {
                         in_flight.remove(&job);
                         bytes_in_flight -= size;
-                        self.hub.memory.delivery_ended(size);
+                        self.hub.memory.delivery_ended(crate::budget::delivery_cost(size));
                         // A job still pending is rescheduled by the next scan.
                         next_scan = next_scan.min(tokio::time::Instant::now() + Duration::from_millis(200));
                     }
