@@ -109,7 +109,8 @@ impl Worker {
                 let size = self.hub.store.spool_len(&job.spool).unwrap_or(0);
                 // What sealing and sending it takes, against what the others take.
                 let cost = crate::budget::delivery_cost(size);
-                if !tasks.is_empty() && self.hub.memory.in_delivery().saturating_add(cost) > budget {
+                if !tasks.is_empty() && self.hub.memory.in_delivery().saturating_add(cost) > budget
+                {
                     // Waits, first in line, for deliveries to finish.
                     ready.push_front(job);
                     break;
@@ -604,12 +605,22 @@ impl Worker {
     /// As the sending HISP: recipients whose MDN did not come in time fail,
     /// and their senders get a DSN.
     async fn check_notification_timeouts(&self) {
-        let timeout = self.hub.settings.server.mdn_timeout.as_secs() as i64;
+        let timeout = self.hub.mdn_timeout();
         let now = Hub::now();
-        let Ok(all) = track::all(self.hub.store.as_ref()) else {
+        let store = self.hub.store.as_ref();
+        if let Err(e) = self.hub.deadlines.load_once(store, timeout) {
+            tracing::error!("reading the tracking records: {e}");
             return;
-        };
-        for mut t in all {
+        }
+        for id in self.hub.deadlines.take_due(now) {
+            let mut t = match track::load(store, &id) {
+                Ok(Some(t)) => t,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::error!("tracking record {id}: {e}");
+                    continue;
+                }
+            };
             let overdue = t.overdue(now, timeout);
             let failed: Vec<FailedRecipient> = overdue
                 .into_iter()

@@ -90,6 +90,8 @@ pub struct Hub {
     pub(crate) per_ip: Mutex<HashMap<IpAddr, usize>>,
     /// `[delivery] memory_budget_mb`, shared by the queue and the listeners.
     pub(crate) memory: Arc<crate::budget::MemoryBudget>,
+    /// Outgoing messages still waiting for MDNs, by deadline.
+    pub(crate) deadlines: track::Deadlines,
 }
 
 pub(crate) fn audit(event: &str, detail: &str) {
@@ -124,6 +126,11 @@ fn from_addresses(message: &[u8]) -> Vec<String> {
 }
 
 impl Hub {
+    /// `[notify] mdn_timeout_secs`, in seconds.
+    pub(crate) fn mdn_timeout(&self) -> i64 {
+        self.settings.server.mdn_timeout.as_secs() as i64
+    }
+
     pub(crate) fn now() -> i64 {
         agent::now()
     }
@@ -444,7 +451,9 @@ impl Hub {
                         std::slice::from_ref(&rule.to),
                         Self::now(),
                     );
-                    let _ = track::save(self.store.as_ref(), &t);
+                    if track::save(self.store.as_ref(), &t).is_ok() {
+                        self.deadlines.add(&t, self.mdn_timeout());
+                    }
                 }
                 let job = Job {
                     id: new_job_id(),
@@ -632,6 +641,7 @@ impl Hub {
             if let Err(e) = track::save_deferred(self.store.as_ref(), &t) {
                 return Reply::new(451, "4.3.0", format!("local storage error: {e}"));
             }
+            self.deadlines.add(&t, self.mdn_timeout());
         }
         let job = Job {
             id: new_job_id(),
@@ -1061,6 +1071,7 @@ impl Daemon {
             edge_relays,
             per_ip: Mutex::new(HashMap::new()),
             memory,
+            deadlines: track::Deadlines::default(),
             changes: tokio::sync::broadcast::channel(256).0,
             config_path: config_file.map(Path::to_path_buf),
             revocation: crate::trust::revocation::RevocationChecker::new(

@@ -240,9 +240,96 @@ pub fn all(store: &dyn Storage) -> Result<Vec<Tracking>, StoreError> {
         .collect()
 }
 
+/// The tracking records still waiting for notifications, by when their
+/// wait runs out (created + the MDN timeout), kept in memory: the queue's
+/// timeout check reads only the records that are due, instead of every
+/// record ever written once a second. Filled from the store once, then as
+/// records are created.
+#[derive(Default)]
+pub struct Deadlines {
+    due: std::sync::Mutex<std::collections::BTreeSet<(i64, String)>>,
+    loaded: std::sync::atomic::AtomicBool,
+}
+
+impl Deadlines {
+    fn set(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeSet<(i64, String)>> {
+        self.due.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Watches `t` unless nothing more is awaited for it.
+    pub fn add(&self, t: &Tracking, timeout: i64) {
+        if !t.is_settled() {
+            self.set().insert((
+                t.created.saturating_add(timeout),
+                t.message_id.trim().to_string(),
+            ));
+        }
+    }
+
+    /// Reads every record once (at start-up); later calls do nothing.
+    pub fn load_once(&self, store: &dyn Storage, timeout: i64) -> Result<(), StoreError> {
+        use std::sync::atomic::Ordering;
+        if self.loaded.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        for t in all(store)? {
+            self.add(&t, timeout);
+        }
+        self.loaded.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// The message ids whose wait has run out at `now` (`now - created >
+    /// timeout`, as [`Tracking::overdue`] has it), no longer watched.
+    pub fn take_due(&self, now: i64) -> Vec<String> {
+        let mut set = self.set();
+        let later = set.split_off(&(now, String::new()));
+        let due = std::mem::replace(&mut *set, later);
+        due.into_iter().map(|(_, id)| id).collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.set().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn deadlines_give_each_waiting_message_once_when_its_wait_runs_out() {
+        let d = Deadlines::default();
+        let mut a = Tracking::new("<a@x>", "s@x", &["r@y".into()], 100);
+        let b = Tracking::new("<b@x>", "s@x", &["r@y".into()], 200);
+        d.add(&a, 60);
+        d.add(&b, 60);
+        assert!(d.take_due(160).is_empty(), "160 - 100 is not over 60");
+        assert_eq!(d.take_due(161), vec!["<a@x>".to_string()]);
+        assert!(d.take_due(161).is_empty(), "given once");
+        assert_eq!(d.len(), 1);
+        assert_eq!(d.take_due(10_000), vec!["<b@x>".to_string()]);
+        // Nothing more is awaited for a settled message.
+        a.apply_mdn("r@y", Disposition::Processed, 120);
+        d.add(&a, 60);
+        assert!(d.is_empty());
+
+        // After a restart, the waiting records come back from the store.
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::SledStore::open(dir.path()).unwrap();
+        save(&store, &a).unwrap();
+        save(&store, &b).unwrap();
+        let d = Deadlines::default();
+        d.load_once(&store, 60).unwrap();
+        assert_eq!(d.take_due(10_000), vec!["<b@x>".to_string()]);
+        save(&store, &Tracking::new("<c@x>", "s@x", &["r@y".into()], 300)).unwrap();
+        d.load_once(&store, 60).unwrap();
+        assert!(d.is_empty(), "read once, at start-up");
+    }
 
     #[test]
     fn states_advance_and_late_notifications_are_suppressed() {
