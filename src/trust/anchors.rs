@@ -42,6 +42,9 @@ pub struct AnchorSet {
 pub(super) struct VerifiedPath {
     pub path: TrustPath,
     pub certs: Vec<X509>,
+    /// The leaf and intermediates it was validated from: a hit must be
+    /// these very certificates, not only share their key.
+    inputs: Vec<X509>,
     valid_from: i64,
     valid_until: i64,
     stored: Instant,
@@ -59,16 +62,24 @@ fn unix(t: &Asn1TimeRef) -> Option<i64> {
 }
 
 impl VerifiedPath {
-    pub(super) fn new(path: TrustPath, certs: Vec<X509>) -> Option<VerifiedPath> {
+    pub(super) fn new(
+        path: TrustPath,
+        certs: Vec<X509>,
+        leaf: &X509Ref,
+        untrusted: &[X509],
+    ) -> Option<VerifiedPath> {
         let mut valid_from = i64::MIN;
         let mut valid_until = i64::MAX;
         for c in &certs {
             valid_from = valid_from.max(unix(c.not_before())?);
             valid_until = valid_until.min(unix(c.not_after())?);
         }
+        let mut inputs = vec![leaf.to_owned()];
+        inputs.extend(untrusted.iter().cloned());
         Some(VerifiedPath {
             path,
             certs,
+            inputs,
             valid_from,
             valid_until,
             stored: Instant::now(),
@@ -101,19 +112,33 @@ impl AnchorSet {
         }
     }
 
-    /// The key of a validation of `leaf` with `untrusted` intermediates.
+    /// The key of a validation of `leaf` with `untrusted` intermediates:
+    /// their SHA-1 fingerprints, which OpenSSL keeps with each certificate
+    /// (a SHA-256 one would re-encode and hash it every time). A hit is
+    /// then compared in full (`X509_cmp`), so a collision finds nothing.
     pub(super) fn path_key(leaf: &X509Ref, untrusted: &[X509]) -> Option<Vec<u8>> {
-        let mut key = leaf.digest(MessageDigest::sha256()).ok()?.to_vec();
+        let mut key = leaf.digest(MessageDigest::sha1()).ok()?.to_vec();
         for c in untrusted {
-            key.extend_from_slice(&c.digest(MessageDigest::sha256()).ok()?);
+            key.extend_from_slice(&c.digest(MessageDigest::sha1()).ok()?);
         }
         Some(key)
     }
 
-    pub(super) fn verified_path(&self, key: &[u8], at: i64) -> Option<VerifiedPath> {
+    pub(super) fn verified_path(
+        &self,
+        key: &[u8],
+        at: i64,
+        leaf: &X509Ref,
+        untrusted: &[X509],
+    ) -> Option<VerifiedPath> {
         let cache = self.verified.lock().unwrap_or_else(|p| p.into_inner());
         cache
             .get(key)
+            .filter(|v| {
+                v.inputs.len() == untrusted.len() + 1
+                    && v.inputs[0].as_ref() == leaf
+                    && v.inputs[1..] == *untrusted
+            })
             .filter(|v| v.valid_from <= at && at <= v.valid_until)
             .filter(|v| v.stored.elapsed() < VERIFIED_TTL)
             .cloned()
@@ -275,6 +300,23 @@ mod tests {
         .unwrap();
         assert_eq!(again.chain, first.chain);
         assert_eq!(cached(&set), 1);
+        // Another certificate of the same CA is validated on its own.
+        let other_leaf = pki::issue(&ca, &LeafSpec::address("carol@b.example")).unwrap();
+        let other_path = validate(
+            &other_leaf.cert,
+            &[],
+            &set,
+            now,
+            "a.example",
+            Direction::Outgoing,
+        )
+        .unwrap();
+        assert!(
+            other_path.chain[0].contains("carol"),
+            "{:?}",
+            other_path.chain
+        );
+        assert_eq!(cached(&set), 2);
 
         // Eleven days on the leaf has expired: the cached path must not hide it.
         let later = now + 11 * 86_400;
@@ -313,6 +355,6 @@ mod tests {
             0,
             "a changed set starts with nothing validated"
         );
-        assert_eq!(cached(&shared), 1, "an unchanged clone keeps its paths");
+        assert_eq!(cached(&shared), 2, "an unchanged clone keeps its paths");
     }
 }

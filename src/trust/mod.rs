@@ -201,7 +201,10 @@ fn verify_path(
     // Sending to the same partner validates the same certificate again and
     // again: a path found before is reused (see `VerifiedPath`).
     let key = AnchorSet::path_key(leaf, untrusted);
-    if let Some(hit) = key.as_deref().and_then(|k| anchors.verified_path(k, at)) {
+    if let Some(hit) = key
+        .as_deref()
+        .and_then(|k| anchors.verified_path(k, at, leaf, untrusted))
+    {
         return Ok((hit.path, hit.certs));
     }
     let mut store = X509StoreBuilder::new()?;
@@ -241,9 +244,12 @@ fn verify_path(
             anchor: CertSummary::of(&anchor_cert),
             anchor_source: source,
         };
-        if let Some(cached) =
-            key.and_then(|k| Some((k, VerifiedPath::new(path.clone(), verified.clone())?)))
-        {
+        if let Some(cached) = key.and_then(|k| {
+            Some((
+                k,
+                VerifiedPath::new(path.clone(), verified.clone(), leaf, untrusted)?,
+            ))
+        }) {
             anchors.remember_path(cached.0, cached.1);
         }
         return Ok((path, verified));
