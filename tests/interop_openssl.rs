@@ -337,13 +337,48 @@ fn opening_a_handed_over_message_gives_the_same_result() {
     let theirs = with_outer_headers(
         &openssl_encrypt(&signed, &[receiver.cert.as_path()], "aes-128-cbc", false).expect("enc"),
     );
+    // Over 1 MiB the EnvelopedData is parsed without its encrypted content
+    // and decrypted from the received buffer: the same result again, from
+    // us (streamed BER, AES-256-CBC) and from openssl (AES-256-GCM).
+    let big_body =
+        "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef\r\n".repeat(24_000);
+    let ours_large = seal(
+        &world,
+        AgentSettings::default(),
+        &message("handed over, large", &big_body),
+    );
+    let big_signed = openssl_sign(
+        format!("Content-Type: text/plain\r\n\r\n{big_body}").as_bytes(),
+        &alice.cert,
+        &alice.key,
+        "sha256",
+    )
+    .expect("sign");
+    let theirs_large = with_outer_headers(
+        &openssl_encrypt(
+            &big_signed,
+            &[receiver.cert.as_path()],
+            "aes-256-gcm",
+            false,
+        )
+        .expect("enc"),
+    );
+    assert!(ours_large.len() > 2 << 20 && theirs_large.len() > 2 << 20);
     let domain = agent.domain("receiver.example").expect("local domain");
-    for msg in [ours, theirs] {
+    for msg in [ours, theirs, ours_large, theirs_large] {
         let borrowed = agent.open(open_request(&msg)).expect("opens borrowed");
         let owned = agent
             .open_owned_for_domain(domain, msg.clone(), open_request(&[]))
             .expect("opens handed over");
         assert_eq!(owned.message, borrowed.message);
+        let text = owned.message.trim_ascii_end();
+        assert!(
+            (text.ends_with(b"0123456789abcdef") && text.len() > big_body.len())
+                || text.ends_with(b"Sodium 140 mmol/L")
+                || text.ends_with(b"unwrapped body"),
+            "the content comes out whole: {:?}",
+            String::from_utf8_lossy(&text[text.len().saturating_sub(60)..])
+        );
         assert_eq!(
             serde_json::to_value(&owned.report).unwrap(),
             serde_json::to_value(&borrowed.report).unwrap()
