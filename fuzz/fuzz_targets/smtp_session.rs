@@ -56,6 +56,7 @@ fn config(kind: ListenerKind, trusted_networks: Vec<Network>) -> Arc<SessionConf
         command_timeout: Duration::from_secs(5),
         data_timeout: Duration::from_secs(5),
         trusted_networks,
+        memory: None,
     })
 }
 
