@@ -63,7 +63,7 @@ impl Worker {
     /// most every 200 ms and at least once a minute.
     pub async fn run(self) {
         let limit = self.hub.settings.delivery.concurrency.max(1);
-        let budget = self.hub.settings.delivery.memory_budget;
+        let budget = self.hub.memory.limit();
         // Bytes of the messages being delivered.
         let mut bytes_in_flight = 0u64;
         let mut fresh = self

@@ -354,13 +354,18 @@ pub fn decode_base64(data: &[u8]) -> Result<Vec<u8>, MimeError> {
     decode_base64_prefix(data, usize::MAX)
 }
 
+/// Standard base64, padding optional (senders differ).
+fn lenient_decoder() -> GeneralPurpose {
+    GeneralPurpose::new(
+        &alphabet::STANDARD,
+        GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
+    )
+}
+
 /// The first `limit` bytes that `data` decodes to, or up to 48 KiB more
 /// (all of it when shorter): only that much of it is decoded.
 pub fn decode_base64_prefix(data: &[u8], limit: usize) -> Result<Vec<u8>, MimeError> {
-    let engine = GeneralPurpose::new(
-        &alphabet::STANDARD,
-        GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
-    );
+    let engine = lenient_decoder();
     // Whitespace-free characters are decoded 64 KiB at a time (whole groups
     // of four), so the encoded body is never copied whole.
     const CHUNK: usize = 64 * 1024;
@@ -401,10 +406,7 @@ pub fn decode_base64_in_place(
     buf: &mut Vec<u8>,
     range: std::ops::Range<usize>,
 ) -> Result<(), MimeError> {
-    let engine = GeneralPurpose::new(
-        &alphabet::STANDARD,
-        GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
-    );
+    let engine = lenient_decoder();
     const CHUNK: usize = 64 * 1024;
     let end = range.end.min(buf.len());
     let mut read = range.start.min(end);

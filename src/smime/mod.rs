@@ -323,8 +323,8 @@ use ffi::AUTH_ENVELOPED_SN;
 /// Parses an encrypted message or entity (its Content-Type must be
 /// application/(x-)pkcs7-mime).
 pub fn parse_encrypted(message: &[u8]) -> Result<Encrypted, SmimeError> {
-    let (der, media_type, _) = encrypted_body(message)?;
-    parse_enveloped(der, media_type)
+    let entity = encrypted_entity(message)?;
+    parse_enveloped(entity.decoded_body()?, entity.content_type().mime_type)
 }
 
 /// [`parse_encrypted`] of a message the caller gives up: it is dropped once
@@ -370,18 +370,6 @@ fn encrypted_entity(message: &[u8]) -> Result<Entity<'_>, SmimeError> {
         }
     }
     Ok(entity)
-}
-
-/// The decoded body of an encrypted message, its media type, and where its
-/// body starts.
-fn encrypted_body(message: &[u8]) -> Result<(Vec<u8>, String, usize), SmimeError> {
-    let entity = encrypted_entity(message)?;
-    let body_at = entity.body.as_ptr() as usize - message.as_ptr() as usize;
-    Ok((
-        entity.decoded_body()?,
-        entity.content_type().mime_type,
-        body_at,
-    ))
 }
 
 /// The (Auth)EnvelopedData in `der`, which is dropped once parsed (or, when

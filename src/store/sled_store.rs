@@ -4,7 +4,7 @@ use super::{Job, LocalDelivery, MailboxEntry, Storage, StoreError};
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
 use std::fs;
-use std::io::{Seek, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -182,9 +182,6 @@ impl SledStore {
         let written = (|| -> std::io::Result<()> {
             let mut f = fs::OpenOptions::new().write(true).open(&path)?;
             f.write_all(data)?;
-            if f.stream_position()? != data.len() as u64 {
-                return Err(std::io::Error::other("short write"));
-            }
             f.set_len(data.len() as u64)?;
             f.sync_all()?;
             fs::rename(&path, dest)
