@@ -625,7 +625,8 @@ impl Hub {
             drop(message);
             completed
         };
-        let spool = match self.store.spool(&message) {
+        // Written now, on disk (with the job) once `commit_job` returns.
+        let spooled = match self.store.spool_unsynced(&message) {
             Ok(s) => s,
             Err(e) => return Reply::new(451, "4.3.0", format!("local storage error: {e}")),
         };
@@ -637,7 +638,7 @@ impl Hub {
             t.subject = MessageParser::default()
                 .parse_headers(&message)
                 .and_then(|m| m.subject().map(str::to_string));
-            // Durable with the job, enqueued (and flushed) just below.
+            // Durable with the job, committed (and flushed) just below.
             if let Err(e) = track::save_deferred(self.store.as_ref(), &t) {
                 return Reply::new(451, "4.3.0", format!("local storage error: {e}"));
             }
@@ -646,7 +647,7 @@ impl Hub {
         let job = Job {
             id: new_job_id(),
             kind: JobKind::Outgoing,
-            spool,
+            spool: spooled.id.clone(),
             mail_from: envelope.mail_from.clone(),
             recipients: envelope
                 .rcpt_to
@@ -657,7 +658,7 @@ impl Hub {
             message_id: message_id_of(&message),
             dsn_sent: false,
         };
-        if let Err(e) = self.store.enqueue(&job) {
+        if let Err(e) = self.store.commit_job(spooled, &job).await {
             return Reply::new(451, "4.3.0", format!("local storage error: {e}"));
         }
         tracing::info!(

@@ -4,10 +4,14 @@
 //! after the file and its directory are fsynced; every index write is
 //! flushed before it returns, except a finished job's removal, which the
 //! move of its spool file to `done/` makes stick (see `SledStore`).
+//! Submissions go through `SledStore::commit_job` instead: the commit
+//! thread (`commit`) syncs the files and flushes the index for several
+//! sessions at once, in that order.
 
+mod commit;
 mod sled_store;
 
-pub use sled_store::SledStore;
+pub use sled_store::{SledStore, Spooled};
 
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;

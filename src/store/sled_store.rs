@@ -1,12 +1,13 @@
 //! The embedded store: sled for the index, one file per message body.
 
+use super::commit::{Committer, Durable};
 use super::{Job, LocalDelivery, MailboxEntry, Storage, StoreError};
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 /// How many finished spool files are kept for reuse (see [`Done`]).
 const KEEP_DONE: usize = 256;
@@ -30,10 +31,63 @@ struct Done {
     settled: Vec<String>,
 }
 
+/// The index flush, shared with the commit thread: a flush frees the
+/// `done/` files whose jobs' removal it covered.
+#[derive(Clone)]
+struct IndexSync {
+    db: sled::Db,
+    spool_dir: PathBuf,
+    done: Arc<Mutex<Done>>,
+}
+
+impl IndexSync {
+    fn done_dir(&self) -> PathBuf {
+        self.spool_dir.join("done")
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        // Files finished before this flush starts are free once it is done.
+        let before = self.done.lock().unwrap_or_else(|p| p.into_inner()).next;
+        self.db.flush()?;
+        let mut done = self.done.lock().unwrap_or_else(|p| p.into_inner());
+        if done.unsettled.first().is_some_and(|(n, _)| *n < before) {
+            let covered = done.unsettled.partition_point(|(n, _)| *n < before);
+            let names: Vec<(u64, String)> = done.unsettled.drain(..covered).collect();
+            for (_, name) in names {
+                if done.settled.len() < KEEP_DONE {
+                    done.settled.push(name);
+                } else {
+                    let _ = fs::remove_file(self.done_dir().join(name));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Durable for IndexSync {
+    fn spool_dir(&self) -> PathBuf {
+        self.spool_dir.clone()
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        IndexSync::flush(self)
+    }
+}
+
+/// A spool file written but not yet known to be on disk: see
+/// [`SledStore::commit_job`].
+pub struct Spooled {
+    pub id: String,
+    path: PathBuf,
+    file: fs::File,
+}
+
 pub struct SledStore {
     db: sled::Db,
     spool_dir: PathBuf,
-    done: Mutex<Done>,
+    sync: IndexSync,
+    committer: Committer,
     jobs: sled::Tree,
     mailboxes: sled::Tree,
     dedupe: sled::Tree,
@@ -114,7 +168,14 @@ impl SledStore {
         fs::create_dir_all(spool_dir.join("tmp")).map_err(io(&spool_dir))?;
         fs::create_dir_all(spool_dir.join("done")).map_err(io(&spool_dir))?;
         let db = open_index(&dir.join("index"))?;
+        let sync = IndexSync {
+            db: db.clone(),
+            spool_dir: spool_dir.clone(),
+            done: Arc::new(Mutex::new(Done::default())),
+        };
         let store = SledStore {
+            committer: Committer::start(sync.clone())?,
+            sync,
             jobs: db.open_tree("jobs")?,
             mailboxes: db.open_tree("mailboxes")?,
             dedupe: db.open_tree("dedupe")?,
@@ -122,7 +183,6 @@ impl SledStore {
             records_tree: db.open_tree("records")?,
             db,
             spool_dir,
-            done: Mutex::new(Done::default()),
         };
         store.remove_finished_jobs()?;
         store.remove_orphans()?;
@@ -165,29 +225,35 @@ impl SledStore {
                 let _ = fs::remove_file(entry.path());
             }
         }
-        self.done.lock().unwrap_or_else(|p| p.into_inner()).settled = free;
+        self.sync
+            .done
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .settled = free;
         Ok(())
     }
 
-    /// Writes `data` over a free file of `done/` and moves it to `dest`;
-    /// `None` when there is no free file (or it could not be used).
-    fn reuse_done_file(&self, data: &[u8], dest: &Path) -> Option<()> {
+    /// Writes `data` over a free file of `done/` and moves it to `dest`,
+    /// without syncing it; `None` when there is no free file (or it could
+    /// not be used).
+    fn reuse_done_file(&self, data: &[u8], dest: &Path) -> Option<fs::File> {
         let name = self
+            .sync
             .done
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .settled
             .pop()?;
         let path = self.done_dir().join(&name);
-        let written = (|| -> std::io::Result<()> {
+        let written = (|| -> std::io::Result<fs::File> {
             let mut f = fs::OpenOptions::new().write(true).open(&path)?;
             f.write_all(data)?;
             f.set_len(data.len() as u64)?;
-            f.sync_all()?;
-            fs::rename(&path, dest)
+            fs::rename(&path, dest)?;
+            Ok(f)
         })();
         match written {
-            Ok(()) => Some(()),
+            Ok(f) => Some(f),
             Err(e) => {
                 tracing::debug!("reusing spool file {}: {e}", path.display());
                 let _ = fs::remove_file(&path);
@@ -252,40 +318,50 @@ impl SledStore {
     }
 
     fn flush(&self) -> Result<(), StoreError> {
-        // Files finished before this flush starts are free once it is done.
-        let before = self.done.lock().unwrap_or_else(|p| p.into_inner()).next;
-        self.db.flush()?;
-        let mut done = self.done.lock().unwrap_or_else(|p| p.into_inner());
-        if done.unsettled.first().is_some_and(|(n, _)| *n < before) {
-            let covered = done.unsettled.partition_point(|(n, _)| *n < before);
-            let names: Vec<(u64, String)> = done.unsettled.drain(..covered).collect();
-            for (_, name) in names {
-                if done.settled.len() < KEEP_DONE {
-                    done.settled.push(name);
-                } else {
-                    let _ = fs::remove_file(self.done_dir().join(name));
-                }
+        self.sync.flush()
+    }
+
+    /// Writes `data` as a new spool file (reusing a free one of `done/` when
+    /// there is one) without waiting for the disk.
+    pub fn spool_unsynced(&self, data: &[u8]) -> Result<Spooled, StoreError> {
+        let id = new_id();
+        let path = self.spool_dir.join(&id);
+        let file = match self.reuse_done_file(data, &path) {
+            Some(file) => file,
+            None => {
+                // Written under its final name: until the index refers to
+                // it, a crash leaves an orphan, removed at the next start.
+                let mut f = fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(&path)
+                    .map_err(io(&path))?;
+                f.write_all(data).map_err(io(&path))?;
+                f
             }
-        }
-        Ok(())
+        };
+        Ok(Spooled { id, path, file })
+    }
+
+    /// Enqueues `job`, whose message is `spooled`, once the file is on
+    /// disk; returns when the job is durable. Sessions committing at the
+    /// same time share the directory sync and the index flush, and the
+    /// caller's thread never waits for the disk (see `commit`).
+    pub async fn commit_job(&self, spooled: Spooled, job: &Job) -> Result<(), StoreError> {
+        let value = serde_json::to_vec(job).map_err(|e| StoreError::Index(e.to_string()))?;
+        self.committer
+            .commit(
+                vec![(spooled.path, spooled.file)],
+                vec![(self.jobs.clone(), job.id.as_bytes().to_vec(), value)],
+            )
+            .await
     }
 }
 
 impl Storage for SledStore {
     fn spool(&self, data: &[u8]) -> Result<String, StoreError> {
-        let id = new_id();
-        let dest = self.spool_dir.join(&id);
-        if self.reuse_done_file(data, &dest).is_none() {
-            // Written under its final name: until the index refers to it, a
-            // crash leaves an orphan, removed at the next start.
-            let mut f = fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&dest)
-                .map_err(io(&dest))?;
-            f.write_all(data).map_err(io(&dest))?;
-            f.sync_all().map_err(io(&dest))?;
-        }
+        let Spooled { id, path, file } = self.spool_unsynced(data)?;
+        file.sync_data().map_err(io(&path))?;
         fs::File::open(&self.spool_dir)
             .and_then(|d| d.sync_all())
             .map_err(io(&self.spool_dir))?;
@@ -329,7 +405,7 @@ impl Storage for SledStore {
         }
         self.jobs.remove(id.as_bytes())?;
         if moved {
-            let mut done = self.done.lock().unwrap_or_else(|p| p.into_inner());
+            let mut done = self.sync.done.lock().unwrap_or_else(|p| p.into_inner());
             let n = done.next;
             done.next += 1;
             done.unsettled.push((n, job.spool));
@@ -787,6 +863,51 @@ mod tests {
         assert_eq!(store.read(&third.spool).unwrap(), b"third message");
         assert_eq!(store.spool_len(&third.spool).unwrap(), 13);
         assert_eq!(store.read(&second.spool).unwrap(), b"second");
+    }
+
+    #[tokio::test]
+    async fn committed_jobs_survive_reopen_with_their_messages_in_new_and_reused_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut committed = Vec::new();
+        {
+            let store = Arc::new(SledStore::open(dir.path()).unwrap());
+            // A finished job whose removal a flush covered leaves a file
+            // to reuse: the first message goes into it, the rest into
+            // new files; all commit at once.
+            let old = job(&store, &vec![b'o'; 10_000]);
+            store.enqueue(&old).unwrap();
+            store.finish_job(&old.id).unwrap();
+            store.flush().unwrap();
+            let mut tasks = Vec::new();
+            for n in 0..4 {
+                let text = format!("message {n}\r\n").repeat(n + 1).into_bytes();
+                let spooled = store.spool_unsynced(&text).unwrap();
+                let j = Job {
+                    spool: spooled.id.clone(),
+                    ..job(&store, b"")
+                };
+                committed.push((j.clone(), text));
+                let store = store.clone();
+                tasks.push(tokio::spawn(
+                    async move { store.commit_job(spooled, &j).await },
+                ));
+            }
+            assert!(
+                done_files(dir.path()).is_empty(),
+                "the free file was reused"
+            );
+            for task in tasks {
+                task.await.unwrap().unwrap();
+            }
+        }
+        let store = SledStore::open(dir.path()).unwrap();
+        for (j, text) in committed {
+            assert_eq!(
+                store.job(&j.id).unwrap().map(|k| k.spool),
+                Some(j.spool.clone())
+            );
+            assert_eq!(store.read(&j.spool).unwrap(), text);
+        }
     }
 
     #[test]
