@@ -412,6 +412,9 @@ struct Script {
     /// Close the connection right after accepting a message (as a server
     /// whose idle timeout ends a cached connection).
     close_after_message: bool,
+    /// Answer DATA with 354 even when no recipient was accepted (RFC 2920
+    /// says 503 or 554; a lax server might not).
+    lax_data: bool,
 }
 
 /// What a scripted server saw.
@@ -422,6 +425,9 @@ struct Seen {
     /// Every command line, as received, with "[tls]" before those over TLS.
     commands: Vec<String>,
     messages: Vec<Vec<u8>>,
+    /// For each command, the complete lines that had already arrived
+    /// behind it when it was read (those the client sent in the same group).
+    behind: Vec<usize>,
 }
 
 struct ScriptedServer {
@@ -487,6 +493,7 @@ async fn converse<S: AsyncRead + AsyncWrite + Unpin>(
     seen: &Mutex<Seen>,
     in_tls: bool,
 ) -> Next {
+    let mut accepted = 0;
     loop {
         let mut line = Vec::new();
         match stream.read_until(b'\n', &mut line).await {
@@ -494,6 +501,8 @@ async fn converse<S: AsyncRead + AsyncWrite + Unpin>(
             Ok(_) => {}
         }
         let command = String::from_utf8_lossy(&line).trim_end().to_string();
+        let behind = stream.buffer().iter().filter(|&&b| b == b'\n').count();
+        seen.lock().unwrap().behind.push(behind);
         seen.lock().unwrap().commands.push(if in_tls {
             format!("[tls] {command}")
         } else {
@@ -542,8 +551,12 @@ async fn converse<S: AsyncRead + AsyncWrite + Unpin>(
                 } else if local.starts_with("multi") {
                     "550-5.7.1 first line of refusal\r\n550 5.7.1 second line of refusal\r\n".into()
                 } else {
+                    accepted += 1;
                     "250 2.1.5 recipient ok\r\n".into()
                 }
+            }
+            "DATA" if accepted == 0 && !script.lax_data => {
+                "554 5.5.1 no valid recipients\r\n".into()
             }
             "DATA" => {
                 let data_reply = script.data_reply.unwrap_or("354 go ahead\r\n");
@@ -569,6 +582,7 @@ async fn converse<S: AsyncRead + AsyncWrite + Unpin>(
                     message.extend_from_slice(unstuffed);
                 }
                 seen.lock().unwrap().messages.push(message);
+                accepted = 0;
                 if script.close_after_message {
                     let _ = stream.get_mut().write_all(b"250 2.0.0 queued\r\n").await;
                     return Next::Done;
@@ -840,6 +854,76 @@ async fn no_data_when_no_recipient_is_accepted() {
     let commands = server.commands();
     assert!(!commands.iter().any(|c| c == "DATA"), "{commands:?}");
     assert_eq!(commands.last().map(String::as_str), Some("QUIT"));
+}
+
+#[tokio::test]
+async fn with_pipelining_mail_rcpt_and_data_go_in_one_group() {
+    let server = ScriptedServer::start(Script {
+        pipelining: true,
+        ..Script::default()
+    })
+    .await;
+    let to = recipients(&["ok1@a.test", "ok2@a.test"]);
+    let message = b"Subject: one group\r\n\r\nbody\r\n";
+    let report = deliver(
+        server.addr,
+        "mx.test",
+        &config(TlsPolicy::Never),
+        &envelope(&to),
+        message,
+    )
+    .await;
+    assert_all(&report, Outcome::is_completed);
+    assert_eq!(server.seen().messages, vec![message.to_vec()]);
+    let commands = server.commands();
+    let mail = commands
+        .iter()
+        .position(|c| c.starts_with("MAIL"))
+        .expect("MAIL sent");
+    assert_eq!(
+        &commands[mail..mail + 4],
+        [
+            "MAIL FROM:<alice@sender.test>",
+            "RCPT TO:<ok1@a.test>",
+            "RCPT TO:<ok2@a.test>",
+            "DATA"
+        ]
+    );
+    // RCPT, RCPT and DATA had arrived with MAIL: one write, one round trip.
+    assert!(server.seen().behind[mail] >= 3, "{:?}", server.seen());
+}
+
+#[tokio::test]
+async fn with_pipelining_and_no_recipient_accepted_the_refused_data_sends_nothing() {
+    for lax_data in [false, true] {
+        let server = ScriptedServer::start(Script {
+            pipelining: true,
+            lax_data,
+            ..Script::default()
+        })
+        .await;
+        let to = recipients(&["temp@a.test", "perm@a.test"]);
+        let report = deliver(
+            server.addr,
+            "mx.test",
+            &config(TlsPolicy::Never),
+            &envelope(&to),
+            b"Subject: none\r\n\r\nnobody\r\n",
+        )
+        .await;
+        assert!(report.outcome("temp@a.test").unwrap().is_temporary());
+        assert!(report.outcome("perm@a.test").unwrap().is_permanent());
+        let commands = server.commands();
+        assert!(commands.iter().any(|c| c == "DATA"), "{commands:?}");
+        assert_eq!(commands.last().map(String::as_str), Some("QUIT"));
+        // A server that took DATA anyway got an empty message, not this one.
+        let expected: Vec<Vec<u8>> = if lax_data {
+            vec![Vec::new()]
+        } else {
+            Vec::new()
+        };
+        assert_eq!(server.seen().messages, expected, "lax: {lax_data}");
+    }
 }
 
 #[tokio::test]

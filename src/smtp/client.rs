@@ -894,8 +894,13 @@ impl<'c, S: AsyncRead + AsyncWrite + Unpin> Session<'c, S> {
         };
         let mut commands: Vec<Option<usize>> = vec![None];
         commands.extend(to_send.iter().map(|&i| Some(i)));
+        // When everything fits in one group, DATA ends it (RFC 2920 allows
+        // DATA as the last command of a group): one round trip fewer.
+        let data_pipelined = capabilities.pipelining && commands.len() < batch;
+        let chunks = commands.len().div_ceil(batch);
         let mut mail_refused: Option<SessionError> = None;
-        for chunk in commands.chunks(batch) {
+        let mut data_reply = None;
+        for (n, chunk) in commands.chunks(batch).enumerate() {
             let mut out = Vec::new();
             for command in chunk {
                 match command {
@@ -905,6 +910,10 @@ impl<'c, S: AsyncRead + AsyncWrite + Unpin> Session<'c, S> {
                         out.extend_from_slice(format!("RCPT TO:<{recipient}>\r\n").as_bytes());
                     }
                 }
+            }
+            let with_data = data_pipelined && n + 1 == chunks;
+            if with_data {
+                out.extend_from_slice(b"DATA\r\n");
             }
             let stage = if chunk.first() == Some(&None) {
                 Stage::MailFrom
@@ -938,7 +947,16 @@ impl<'c, S: AsyncRead + AsyncWrite + Unpin> Session<'c, S> {
                     }
                 }
             }
+            if with_data {
+                data_reply = Some(self.read_reply(Stage::Data, timeout).await?);
+            }
             if let Some(refused) = mail_refused {
+                if data_reply.as_ref().is_some_and(|r| r.code == 354) {
+                    // A server that took DATA anyway gets an empty message,
+                    // which it has nobody to deliver to.
+                    self.send(b".\r\n", Stage::EndOfData).await?;
+                    self.read_reply(Stage::EndOfData, timeout).await?;
+                }
                 return Err(refused);
             }
         }
@@ -948,22 +966,40 @@ impl<'c, S: AsyncRead + AsyncWrite + Unpin> Session<'c, S> {
             .iter()
             .any(|(_, state)| matches!(state, RecipientState::Accepted))
         {
-            // Nobody to deliver to: no DATA; QUIT ends the transaction.
+            // Nobody to deliver to: no DATA (or, if it went with the
+            // group and the server took it anyway, an empty message that
+            // has no recipient); QUIT ends the transaction.
+            if data_reply.is_some_and(|r| r.code == 354) {
+                self.send(b".\r\n", Stage::EndOfData).await?;
+                self.read_reply(Stage::EndOfData, timeout).await?;
+            }
             return Ok(());
         }
 
-        self.send(b"DATA\r\n", Stage::Data).await?;
-        let reply = self.read_reply(Stage::Data, timeout).await?;
+        let reply = match data_reply {
+            Some(reply) => reply,
+            None => {
+                self.send(b"DATA\r\n", Stage::Data).await?;
+                self.read_reply(Stage::Data, timeout).await?
+            }
+        };
         if reply.code != 354 {
             return Err(SessionError::Refused {
                 stage: Stage::Data,
                 reply,
             });
         }
-        for piece in content.wire.chunks(WRITE_CHUNK) {
+        // The final dot goes with the last piece: one write for a small
+        // message.
+        let wire: &[u8] = &content.wire;
+        let last = wire.len().saturating_sub(1) / WRITE_CHUNK * WRITE_CHUNK;
+        for piece in wire[..last].chunks(WRITE_CHUNK) {
             self.send_raw(piece, Stage::Data).await?;
         }
-        self.send(b".\r\n", Stage::EndOfData).await?;
+        let mut tail = Vec::with_capacity(wire.len() - last + 3);
+        tail.extend_from_slice(&wire[last..]);
+        tail.extend_from_slice(b".\r\n");
+        self.send_raw(&tail, Stage::EndOfData).await?;
         let reply = self
             .read_reply(Stage::EndOfData, self.config.data_timeout)
             .await?;
