@@ -22,7 +22,8 @@ import argparse, json, os, re, shutil, socket, subprocess, sys, tempfile, time
 from datetime import datetime
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HISPD = os.path.join(ROOT, "target", "release", "hispd")
+# HISPD_BIN: another build to measure (A/B comparisons in one session).
+HISPD = os.environ.get("HISPD_BIN") or os.path.join(ROOT, "target", "release", "hispd")
 SBIN = "/usr/sbin"
 
 
