@@ -120,6 +120,8 @@ struct RawServer {
     log_format: String,
     #[serde(default)]
     submission_trusted_networks: Vec<String>,
+    #[serde(default)]
+    worker_threads: usize,
 }
 
 #[derive(Debug, Deserialize)]
@@ -226,6 +228,9 @@ pub struct ServerConfig {
     pub json_logs: bool,
     /// As the sending HISP: how long to wait for processed/dispatched MDNs.
     pub mdn_timeout: Duration,
+    /// Threads of the async runtime (sessions, sealing, delivery); 0: one
+    /// per CPU.
+    pub worker_threads: usize,
 }
 
 /// Outbound delivery settings.
@@ -659,6 +664,7 @@ impl Settings {
             pop3_listen,
             json_logs: srv.log_format == "json",
             mdn_timeout: Duration::from_secs(raw.notify.mdn_timeout_secs.max(1)),
+            worker_threads: srv.worker_threads,
         };
         let dl = &raw.delivery;
         if !dl.smart_host.is_empty()

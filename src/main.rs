@@ -1487,10 +1487,15 @@ fn serve(config: Option<&Path>) -> Result<ExitCode> {
     hispd::server::tune_allocator();
     let settings = settings(config)?;
     init_logging(settings.server.json_logs);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if settings.server.worker_threads > 0 {
+        builder.worker_threads(settings.server.worker_threads);
+    }
+    let runtime = builder
         .enable_all()
         .build()
         .context("starting the async runtime")?;
+    let workers = runtime.metrics().num_workers();
     runtime.block_on(async move {
         let daemon = hispd::server::Daemon::prepare(config).await?;
         let mx = daemon.mx_addr();
@@ -1504,7 +1509,7 @@ fn serve(config: Option<&Path>) -> Result<ExitCode> {
             signal(SignalKind::interrupt()),
             signal(SignalKind::hangup()),
         );
-        tracing::info!(?mx, ?submission, ?pull, "hispd serving");
+        tracing::info!(?mx, ?submission, ?pull, workers, "hispd serving");
         if let Some(password) = &daemon.dev_password {
             let sub = submission.map(|a| a.to_string()).unwrap_or_default();
             eprintln!(

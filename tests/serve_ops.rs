@@ -299,3 +299,42 @@ fn anchors_managed_with_the_cli_are_picked_up_by_the_running_daemon() {
     );
     drop(net.bind.take());
 }
+
+/// The "workers" field of the last "hispd serving" line of a node's log.
+fn serving_workers(node: &Node) -> Option<u64> {
+    node.log_text()
+        .lines()
+        .filter(|l| l.contains("hispd serving"))
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["fields"]["workers"].as_u64())
+        .next_back()
+}
+
+#[test]
+fn worker_threads_sizes_the_runtime_and_one_thread_still_relays() {
+    let mut net = Net::new(|b| b.mx_port);
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+    assert_eq!(serving_workers(&net.a), Some(cpus), "{}", net.a.log_text());
+    net.a.stop();
+    net.a
+        .env
+        .push(("HISPD__SERVER__WORKER_THREADS".into(), "1".into()));
+    net.a.start();
+    assert_eq!(serving_workers(&net.a), Some(1), "{}", net.a.log_text());
+    let results = submit(
+        net.a.submission_port,
+        &serde_json::json!([message(&[BOB], "one-worker", "one thread")]),
+    );
+    assert_eq!(results[0]["ok"], true, "{results:?}");
+    assert!(
+        net.b.wait_log(Duration::from_secs(60), |l| l
+            .contains("one-worker@a.example")
+            && l.contains("delivered")),
+        "B delivers the message\nA:\n{}\nB:\n{}",
+        net.a.log_text(),
+        net.b.log_text()
+    );
+    net.a.stop();
+    net.b.stop();
+    drop(net.bind.take());
+}
