@@ -216,6 +216,22 @@ default_destination_concurrency_limit = 20
     return p, conf
 
 
+def stop_postfix(root, conf):
+    """Stops the private Postfix: its master outlives the start-fg wrapper
+    that the run terminates, and would keep its port and processes."""
+    env = {**os.environ, "MAIL_CONFIG": conf}
+    try:
+        subprocess.run([os.path.join(SBIN, "postfix"), "-c", conf, "stop"], env=env,
+                       capture_output=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        with open(os.path.join(root, "postfix-queue", "pid", "master.pid")) as f:
+            os.kill(int(f.read().split()[0]), 9)
+    except (OSError, ValueError, IndexError):
+        pass  # stopped (its pid file is gone) or never started
+
+
 def latencies_postfix(log):
     out = []
     with open(log) as f:
@@ -273,6 +289,7 @@ def one_run(mode, size, count, concurrency, floor=None):
     root = tempfile.mkdtemp(prefix=f"hispd-load-{mode}-")
     os.chmod(root, 0o755)  # Postfix's daemons run as the postfix user
     procs = []
+    postfix_conf = None
     try:
         ports = {k: free_port() for k in ["amx", "asub", "bmx", "bsub", "sink", "relay"]}
         sink_dir = os.path.join(root, "sink")
@@ -283,7 +300,7 @@ def one_run(mode, size, count, concurrency, floor=None):
         logs = {}
         pids = []
         if mode == "a":
-            p, _ = postfix_relay(root, ports["relay"], ports["sink"])
+            p, postfix_conf = postfix_relay(root, ports["relay"], ports["sink"])
             procs.append(p)
             wait_port(ports["relay"])
             target = ports["relay"]
@@ -351,6 +368,8 @@ def one_run(mode, size, count, concurrency, floor=None):
             "peak_rss_mb": rss,
         }
     finally:
+        if postfix_conf:
+            stop_postfix(root, postfix_conf)
         for p in procs:
             p.terminate()
         for p in procs:
