@@ -951,12 +951,7 @@ impl<'c, S: AsyncRead + AsyncWrite + Unpin> Session<'c, S> {
                 data_reply = Some(self.read_reply(Stage::Data, timeout).await?);
             }
             if let Some(refused) = mail_refused {
-                if data_reply.as_ref().is_some_and(|r| r.code == 354) {
-                    // A server that took DATA anyway gets an empty message,
-                    // which it has nobody to deliver to.
-                    self.send(b".\r\n", Stage::EndOfData).await?;
-                    self.read_reply(Stage::EndOfData, timeout).await?;
-                }
+                self.end_unwanted_data(data_reply.as_ref(), timeout).await?;
                 return Err(refused);
             }
         }
@@ -967,12 +962,8 @@ impl<'c, S: AsyncRead + AsyncWrite + Unpin> Session<'c, S> {
             .any(|(_, state)| matches!(state, RecipientState::Accepted))
         {
             // Nobody to deliver to: no DATA (or, if it went with the
-            // group and the server took it anyway, an empty message that
-            // has no recipient); QUIT ends the transaction.
-            if data_reply.is_some_and(|r| r.code == 354) {
-                self.send(b".\r\n", Stage::EndOfData).await?;
-                self.read_reply(Stage::EndOfData, timeout).await?;
-            }
+            // group, see end_unwanted_data); QUIT ends the transaction.
+            self.end_unwanted_data(data_reply.as_ref(), timeout).await?;
             return Ok(());
         }
 
@@ -1012,6 +1003,21 @@ impl<'c, S: AsyncRead + AsyncWrite + Unpin> Session<'c, S> {
         tracing::debug!(%reply, "message accepted");
         attempt.finish_accepted(&Outcome::Completed);
         self.reusable = true;
+        Ok(())
+    }
+
+    /// DATA went with the group but the transaction failed (MAIL refused,
+    /// no recipient accepted): a server that took DATA anyway (354) gets an
+    /// empty message, which it has nobody to deliver to.
+    async fn end_unwanted_data(
+        &mut self,
+        data_reply: Option<&Reply>,
+        timeout: Duration,
+    ) -> Result<(), SessionError> {
+        if data_reply.is_some_and(|r| r.code == 354) {
+            self.send(b".\r\n", Stage::EndOfData).await?;
+            self.read_reply(Stage::EndOfData, timeout).await?;
+        }
         Ok(())
     }
 

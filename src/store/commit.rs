@@ -32,10 +32,10 @@ pub(super) struct Request {
     pub reply: tokio::sync::oneshot::Sender<Result<(), StoreError>>,
 }
 
-/// What the commit thread needs of the store: the spool directory (synced
-/// after new names appear in it) and the index flush.
+/// What the commit thread needs of the store: syncing the spool directory
+/// (after new names appear in it) and the index flush.
 pub(super) trait Durable: Send + 'static {
-    fn spool_dir(&self) -> PathBuf;
+    fn sync_spool_dir(&self) -> Result<(), StoreError>;
     fn flush(&self) -> Result<(), StoreError>;
 }
 
@@ -153,9 +153,7 @@ fn commit_batch(batch: &[Request], store: &impl Durable) -> Vec<Result<(), Store
     }
     // New names in the spool directory: one sync for the whole batch.
     if batch.iter().any(|r| !r.files.is_empty()) {
-        let dir = store.spool_dir();
-        if let Err(error) = fs::File::open(&dir).and_then(|d| d.sync_all()) {
-            let e = StoreError::Io { path: dir, error };
+        if let Err(e) = store.sync_spool_dir() {
             for (request, result) in batch.iter().zip(results.iter_mut()) {
                 if result.is_ok() && !request.files.is_empty() {
                     *result = Err(copy(&e));
@@ -198,8 +196,13 @@ mod tests {
     }
 
     impl Durable for Counting {
-        fn spool_dir(&self) -> PathBuf {
-            self.dir.clone()
+        fn sync_spool_dir(&self) -> Result<(), StoreError> {
+            fs::File::open(&self.dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|error| StoreError::Io {
+                    path: self.dir.clone(),
+                    error,
+                })
         }
         fn flush(&self) -> Result<(), StoreError> {
             self.flushes.fetch_add(1, Ordering::SeqCst);

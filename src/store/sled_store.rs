@@ -74,8 +74,11 @@ impl IndexSync {
 }
 
 impl Durable for IndexSync {
-    fn spool_dir(&self) -> PathBuf {
-        self.spool_dir.clone()
+    /// Makes the names written in the spool directory durable.
+    fn sync_spool_dir(&self) -> Result<(), StoreError> {
+        fs::File::open(&self.spool_dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io(&self.spool_dir))
     }
 
     fn flush(&self) -> Result<(), StoreError> {
@@ -205,7 +208,7 @@ impl SledStore {
     }
 
     fn done_dir(&self) -> PathBuf {
-        self.spool_dir.join("done")
+        self.sync.done_dir()
     }
 
     /// Jobs whose spool file is in `done/` were finished by a process that
@@ -375,9 +378,7 @@ impl Storage for SledStore {
     fn spool(&self, data: &[u8]) -> Result<String, StoreError> {
         let Spooled { id, path, file } = self.spool_unsynced(data)?;
         file.sync_data().map_err(io(&path))?;
-        fs::File::open(&self.spool_dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io(&self.spool_dir))?;
+        self.sync.sync_spool_dir()?;
         Ok(id)
     }
 
