@@ -276,7 +276,7 @@ impl Worker {
             }
             return;
         };
-        let Some(sender_domain) = agent.domain(from.domain()).cloned() else {
+        let Some(mut sender_domain) = agent.domain(from.domain()).cloned() else {
             for r in job.recipients.iter_mut() {
                 r.status = RecipientStatus::Failed;
                 r.last_error = Some(format!("{} is no longer a local domain", from.domain()));
@@ -284,6 +284,42 @@ impl Worker {
             }
             return;
         };
+        // A revoked certificate of ours never signs: the next one in line
+        // does (domain-bound after address-bound), and when none is left
+        // the job waits, retried with backoff, for the operator to install
+        // a new one (SIGHUP); the sender hears only if it outlives max_age.
+        let barred = self.hub.own_signers_barred(&sender_domain, &from).await;
+        if !barred.is_empty() {
+            let why = barred
+                .iter()
+                .map(|(fp, reason)| format!("{reason} (certificate {fp})"))
+                .collect::<Vec<_>>()
+                .join("; ");
+            audit(
+                "signing-certificate-revoked",
+                &format!("{}: {why}", job.mail_from),
+            );
+            sender_domain.credentials.retain(|c| {
+                let fp = crate::trust::fingerprint(&c.credential.cert);
+                !barred.iter().any(|(b, _)| *b == fp)
+            });
+            if sender_domain.credentials_for(&from, false).is_empty() {
+                tracing::error!(job = %job.id, sender = %job.mail_from, "no signing certificate may sign: {why}");
+                let now = Hub::now();
+                for r in job.recipients.iter_mut() {
+                    if r.status == RecipientStatus::Pending && r.next_attempt <= now {
+                        r.attempts += 1;
+                        r.last_error = Some(format!(
+                            "our signing certificate for {} may not sign: {why}",
+                            job.mail_from
+                        ));
+                        r.status_code = Some("4.7.5".into());
+                        r.next_attempt = now + self.backoff(r.attempts);
+                    }
+                }
+                return;
+            }
+        }
         let ctx = TrustContext {
             domain: sender_domain.name.clone(),
             anchors: Some(sender_domain.outgoing_anchors.clone()),
@@ -364,6 +400,14 @@ impl Worker {
                 }
             };
             let rcpts: Vec<String> = ready.iter().map(|(_, a)| a.to_string()).collect();
+            tracing::info!(
+                job = %job.id,
+                domain = %domain,
+                recipients = rcpts.len(),
+                signer = %sealed.report.signer.subject,
+                cipher = %sealed.report.cipher,
+                "sealed"
+            );
             if agent.domain(&domain).is_some() {
                 // Our own domain: the incoming path, without the network.
                 let reply = self

@@ -375,6 +375,75 @@ impl Hub {
         revocation::check_revoked(&chain, &outcome.crls, Self::now()).map_err(|e| e.to_string())
     }
 
+    /// Our own signing certificates for `from` (address-bound, then
+    /// domain-bound) that must not sign: a CRL of their chain revokes them,
+    /// or, under `crl_policy = "hard-fail"`, a CRL could not be fetched.
+    /// Each comes with its fingerprint and the reason. A credential whose
+    /// chain names no CRL distribution point costs no more than reading its
+    /// extensions. The issuer that signs a CRL comes from the domain's
+    /// anchors (with AIA), else from the chain configured with the key;
+    /// with neither, the certificate is not checked (with a warning).
+    pub(crate) async fn own_signers_barred(
+        &self,
+        domain: &agent::LocalDomain,
+        from: &DirectAddress,
+    ) -> Vec<(String, String)> {
+        use crate::trust::revocation;
+        let mut barred = Vec::new();
+        for c in domain.credentials_for(from, false) {
+            let cred = &c.credential;
+            let has_crl = std::iter::once(&cred.cert)
+                .chain(cred.chain.iter())
+                .any(|x| !revocation::crl_urls(x).is_empty());
+            if !has_crl {
+                continue;
+            }
+            let mut path = None;
+            for anchors in [&domain.outgoing_anchors, &domain.incoming_anchors] {
+                let (extra, _) = self
+                    .revocation
+                    .complete_chain(&cred.cert, &cred.chain, anchors)
+                    .await;
+                let mut untrusted = cred.chain.clone();
+                untrusted.extend(extra);
+                path = revocation::path_to_anchor(&cred.cert, &untrusted, anchors);
+                if path.is_some() {
+                    break;
+                }
+            }
+            // Else the certificates configured with it, in the order given
+            // (a CRL counts only when the next one signed it).
+            let chain = path.unwrap_or_else(|| {
+                std::iter::once(cred.cert.clone())
+                    .chain(cred.chain.iter().cloned())
+                    .collect()
+            });
+            if chain.len() < 2 {
+                tracing::warn!(
+                    certificate = %crate::trust::fingerprint(&cred.cert),
+                    "revocation of our signing certificate not checked: its issuer is neither \
+                     an anchor of {} nor in the chain configured with its key",
+                    domain.name
+                );
+                continue;
+            }
+            let verdict = match self.revocation.check_crls(&chain).await {
+                Ok(outcome) => {
+                    for w in &outcome.warnings {
+                        tracing::warn!("revocation of our signing certificate not checked: {w}");
+                    }
+                    revocation::check_revoked(&chain, &outcome.crls, Self::now())
+                        .map_err(|e| e.to_string())
+                }
+                Err(e) => Err(e.to_string()),
+            };
+            if let Err(reason) = verdict {
+                barred.push((crate::trust::fingerprint(&cred.cert), reason));
+            }
+        }
+        barred
+    }
+
     /// Hands a job just stored in the queue to the worker.
     pub(crate) fn queued(&self, job: &crate::store::Job) {
         let _ = self.fresh.send(job.clone());

@@ -161,15 +161,42 @@ fn a_changed_bundle_changes_what_the_running_daemon_trusts() {
     drop(net.bind.take());
 }
 
+/// Sends `message` to the MX on `port` as alice@a.example to bob@b.example
+/// and returns the server's reply to the end of DATA ("554 ..." or "250 ...").
+fn send_to_mx(port: u16, message: &Path) -> String {
+    const SEND_PY: &str = r#"
+import smtplib, sys
+s = smtplib.SMTP("127.0.0.1", int(sys.argv[1]), timeout=30)
+s.ehlo("test.example")
+s.mail("alice@a.example")
+s.rcpt("bob@b.example")
+code, text = s.data(open(sys.argv[2], "rb").read())
+print(code, text.decode())
+s.quit()
+"#;
+    let out = Command::new("python3")
+        .args(["-c", SEND_PY, &port.to_string()])
+        .arg(message)
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
 #[test]
-fn a_revoked_signer_is_refused_on_receipt() {
+fn a_revoked_certificate_neither_signs_nor_is_trusted_on_receipt() {
     let mut net = Net::new(|b| b.mx_port);
     let root = net.root.path().to_path_buf();
     let served = root.join("crl");
     std::fs::create_dir_all(&served).expect("dir");
     let http = HttpServer::start(&served);
 
-    // A signs with a certificate whose CRL (at its distribution point) revokes it.
+    // A's only signing certificate names a CRL (at its distribution point)
+    // that revokes it.
     net.a.stop();
     let ca = hispd::pki::load(&root.join("ca-a.example")).expect("A's CA");
     let spec = hispd::pki::LeafSpec {
@@ -177,37 +204,104 @@ fn a_revoked_signer_is_refused_on_receipt() {
         ..hispd::pki::LeafSpec::domain("a.example")
     };
     let leaf = hispd::pki::issue(&ca, &spec).expect("leaf");
-    hispd::pki::save(&leaf, &net.a.dir.join("certs/a.example/private")).expect("save");
+    // A trusts its own CA too (so it knows the issuer that signs the CRL).
+    std::fs::copy(
+        root.join("ca-a.example/cert.pem"),
+        net.a
+            .dir
+            .join("certs/a.example/anchors/both/a.example-ca.pem"),
+    )
+    .expect("own anchor");
+    let private = net.a.dir.join("certs/a.example/private");
+    hispd::pki::save(&leaf, &private).expect("save");
     let crl = hispd::pki::crl(&ca, &[&leaf.cert], 1).expect("crl");
     std::fs::write(served.join("a.crl"), crl.to_der().expect("der")).expect("write crl");
     net.a.start();
 
+    // A does not sign with it: the message stays queued, nothing reaches B.
     let results = submit(
         net.a.submission_port,
         &serde_json::json!([message(&[BOB], "revoked-1", "from a revoked key")]),
     );
-    assert_eq!(results[0]["ok"], true);
+    assert_eq!(results[0]["ok"], true, "accepted for later delivery");
     assert!(
-        net.b
-            .wait_log(Duration::from_secs(30), |l| l.contains("incoming-refused")
-                && l.contains("signer-revoked")),
-        "B refuses the revoked signer\nB:\n{}",
-        net.b.log_text()
+        net.a.wait_log(Duration::from_secs(30), |l| l
+            .contains("signing-certificate-revoked")
+            && l.contains("revoked")),
+        "A refuses to sign with its revoked certificate\nA:\n{}",
+        net.a.log_text()
     );
     assert!(
-        net.b.log_text().contains("revoked"),
-        "the reason says revoked"
+        !net.a.log_text().contains("\"sealed\""),
+        "nothing was sealed\nA:\n{}",
+        net.a.log_text()
+    );
+    assert!(
+        !net.b.log_text().contains("revoked-1"),
+        "B never saw it\nB:\n{}",
+        net.b.log_text()
+    );
+
+    // The same certificate used elsewhere (the CLI seals without asking the
+    // CRL): B refuses what it signed, with that reason.
+    let mut seal = Command::new(hispd_bin())
+        .args([
+            "message",
+            "seal",
+            "--from",
+            ALICE,
+            "--to",
+            BOB,
+            "--sign-cert",
+        ])
+        .arg(private.join("cert.pem"))
+        .arg("--sign-key")
+        .arg(private.join("key.pem"))
+        .arg("--recipient-cert")
+        .arg(net.b.dir.join("certs/b.example/private/cert.pem"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("seal");
+    {
+        use std::io::Write;
+        seal.stdin
+            .take()
+            .expect("stdin")
+            .write_all(
+                b"From: alice@a.example\r\nTo: bob@b.example\r\nSubject: revoked\r\n\
+                  Message-ID: <revoked-cli@a.example>\r\n\r\nfrom a revoked key\r\n",
+            )
+            .expect("write");
+    }
+    let sealed = seal.wait_with_output().expect("seal output");
+    assert!(
+        sealed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sealed.stderr)
+    );
+    let sealed_path = root.join("revoked.eml");
+    std::fs::write(&sealed_path, &sealed.stdout).expect("write");
+    let reply = send_to_mx(net.b.mx_port, &sealed_path);
+    assert!(
+        reply.starts_with("554") && reply.contains("[signer-revoked]") && reply.contains("revoked"),
+        "B refuses the revoked signer with the reason: {reply}\nB:\n{}",
+        net.b.log_text()
     );
     assert!(
         !net.b.log_text().contains("\"delivered\""),
         "nothing delivered"
     );
 
-    // With a CRL that no longer lists it, the same signer is accepted.
+    // With a CRL that no longer lists it, the same certificate signs and is
+    // accepted (fresh processes: the CRL cache lives until nextUpdate).
     let clean = hispd::pki::crl(&ca, &[], 2).expect("crl");
     std::fs::write(served.join("a.crl"), clean.to_der().expect("der")).expect("write crl");
+    net.a.stop();
+    net.a.start();
     net.b.stop();
-    net.b.start(); // the CRL cache lives until nextUpdate: a fresh process fetches anew
+    net.b.start();
     let results = submit(
         net.a.submission_port,
         &serde_json::json!([message(&[BOB], "revoked-2", "after reinstatement")]),
