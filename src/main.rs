@@ -1475,7 +1475,9 @@ fn init_logging(json: bool) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // Colours only on a terminal: none in files or the journal.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     if json {
         builder.json().init();
     } else {
@@ -1519,10 +1521,13 @@ fn serve(config: Option<&Path>) -> Result<ExitCode> {
                  It is sealed, opened and delivered to the mailbox of {user}; the log shows each step.\n\
                  Read it over IMAP or POP3 (STARTTLS/STLS), e.g.\n\
                  \n  curl -k --ssl-reqd --user {user}:{password} 'imap://{imap}/INBOX;UID=1'\n\n\
-                 or stop hispd (Ctrl-C) and run: hispd mailbox list {user}\n",
+                 or stop hispd (Ctrl-C) and run: {exe} mailbox list {user}\n",
                 dom = hispd::server::DEV_DOMAIN,
                 data = settings.server.data_dir.display(),
                 user = hispd::server::DEV_USER,
+                exe = std::env::current_exe()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|_| "hispd".into()),
                 imap = settings.server.imap_listen.map(|a| a.to_string()).unwrap_or_else(|| "(IMAP disabled)".into()),
             );
         }
