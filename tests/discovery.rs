@@ -1,7 +1,8 @@
 //! Certificate discovery against a real authoritative DNS server (BIND) with
 //! CERT and SRV records and real OpenLDAP servers, one test per group of the
 //! ONC Direct Certificate Discovery Tool (DCDT) cases D1–D16, plus the
-//! untrusted and wrong-SAN refusals and the cache.
+//! untrusted and wrong-SAN refusals, the cache, the local and public sources
+//! in their configured order, and the fallback to domain-bound certificates.
 
 mod common;
 
@@ -86,6 +87,17 @@ fn pki() -> &'static Pki {
             ("d16-addr", &ca, LeafSpec::address("alice@d16.example")),
             ("d17-rogue", &rogue, LeafSpec::address("alice@d17.example")),
             ("d18-bob", &ca, LeafSpec::address("bob@d18.example")),
+            // Sources other than DNS CERT and userCertificate;binary.
+            ("p1-public", &ca, LeafSpec::address("carol@p1.example")),
+            ("p1-dns", &ca, LeafSpec::address("carol@p1.example")),
+            ("l1-local", &ca, LeafSpec::domain("l1.example")),
+            (
+                "f1-addr-expired",
+                &ca,
+                expired(LeafSpec::address("alice@f1.example")),
+            ),
+            ("f1-dom", &ca, LeafSpec::domain("f1.example")),
+            ("g2-smime", &ca, LeafSpec::address("alice@g2.example")),
         ];
         let certs = specs
             .into_iter()
@@ -620,4 +632,102 @@ fn ipkix_and_uri_records_are_fetched_over_http() {
         !discover(&d, "dave@d22.example").report.from_cache,
         "temporary failures are asked again"
     );
+}
+
+/// A DER PKCS#7 certs-only structure holding `name`'s certificate (what
+/// userSMIMECertificate holds), made by `openssl crl2pkcs7`.
+fn p7_of(name: &str) -> Vec<u8> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pem = dir.path().join("cert.pem");
+    std::fs::write(&pem, pki().certs[name].cert.to_pem().expect("pem")).expect("write");
+    let out = std::process::Command::new("openssl")
+        .args(["crl2pkcs7", "-nocrl", "-outform", "DER", "-certfile"])
+        .arg(&pem)
+        .output()
+        .expect("openssl");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+#[test]
+fn local_and_public_sources_follow_the_configured_order_and_usersmimecertificate_is_read() {
+    let _ = pki();
+    // (OpenLDAP stores userCertificate only with ;binary transfer, so the
+    // plain name cannot be loaded into slapd; userSMIMECertificate can.)
+    let ldif = ldif_person(
+        LDAP_SUFFIX,
+        "alice@g2.example",
+        &[p7_of("g2-smime")],
+        "userSMIMECertificate",
+    );
+    let ldap = Slapd::start(&ldif).expect("slapd");
+    let port = ldap.port;
+    let mut zone = String::from("ldap A 127.0.0.1\n");
+    zone.push_str(&cert_rr("carol.p1", &der("p1-dns")));
+    zone.push_str(&cert_rr("alice.f1", &der("f1-addr-expired")));
+    zone.push_str(&cert_rr("f1", &der("f1-dom")));
+    zone.push_str(&format!("_ldap._tcp.g2 SRV 0 0 {port} ldap\n"));
+    let bind = Bind::start(&[("example", &zone)]).expect("named");
+
+    // The partner's certificate kept on disk, and our own domain's.
+    let public_dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        public_dir.path().join("carol.pem"),
+        pki().certs["p1-public"].cert.to_pem().expect("pem"),
+    )
+    .expect("write");
+    let public = CertificateSet::load_dir(public_dir.path()).expect("public dir");
+    assert_eq!(public.len(), 1);
+    let mut local = CertificateSet::new();
+    local.add(pki().certs["l1-local"].cert.clone(), "our l1.example");
+    let with = |sources: Vec<SourceKind>| {
+        let config = DiscoveryConfig {
+            sources,
+            nameservers: vec![bind.addr()],
+            dns_timeout: Duration::from_secs(2),
+            ldap_timeout: Duration::from_secs(2),
+            positive_ttl: Duration::ZERO,
+            negative_ttl: Duration::ZERO,
+            ..DiscoveryConfig::default()
+        };
+        Discovery::new(config, local.clone(), public.clone()).expect("discovery")
+    };
+    let asked =
+        |found: &Discovered, kind: SourceKind| found.report.steps.iter().any(|s| s.source == kind);
+
+    // The default order: local, public directory, DNS, LDAP. The public
+    // directory answers first, so DNS is never asked.
+    let d = with(DiscoveryConfig::default().sources);
+    let found = discover(&d, "carol@p1.example");
+    assert_eq!(chosen(&found), vec![fp("p1-public")], "{}", explain(&found));
+    assert!(!asked(&found, SourceKind::Dns), "{}", explain(&found));
+    // Our own domain's certificate comes from the local source.
+    let found = discover(&d, "anyone@l1.example");
+    assert_eq!(chosen(&found), vec![fp("l1-local")], "{}", explain(&found));
+    assert!(!asked(&found, SourceKind::Public), "{}", explain(&found));
+
+    // DNS before the directory: DNS's certificate wins.
+    let found = discover(
+        &with(vec![SourceKind::Dns, SourceKind::Public]),
+        "carol@p1.example",
+    );
+    assert_eq!(chosen(&found), vec![fp("p1-dns")], "{}", explain(&found));
+    // A source left out is never asked.
+    let found = discover(&with(vec![SourceKind::Dns]), "anyone@l1.example");
+    assert!(found.certificates.is_empty(), "{}", explain(&found));
+    assert!(!asked(&found, SourceKind::Local), "{}", explain(&found));
+
+    // Every address-bound certificate is unusable (expired): the usable
+    // domain-bound one is chosen, and the explanation says why.
+    let found = discover(&with(vec![SourceKind::Dns]), "alice@f1.example");
+    assert_eq!(chosen(&found), vec![fp("f1-dom")], "{}", explain(&found));
+    assert!(explain(&found).contains("expired"), "{}", explain(&found));
+
+    // userSMIMECertificate (a PKCS#7 certs-only structure).
+    let found = discover(&with(vec![SourceKind::Ldap]), "alice@g2.example");
+    assert_eq!(chosen(&found), vec![fp("g2-smime")], "{}", explain(&found));
 }
