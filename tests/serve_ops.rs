@@ -1,10 +1,46 @@
 //! Operations of `hispd serve`: retries while the destination is down, the
-//! maximum age and its DSN, and SIGHUP reloading anchors without a restart.
+//! maximum age and its DSN, and SIGHUP reloading anchors without a restart
+//! or a dropped session, under systemd's notify protocol.
 
 mod common;
 
 use common::hisp::*;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixDatagram;
 use std::time::Duration;
+
+/// The next sd_notify datagram that contains `wanted` (others, such as
+/// watchdog pats, are skipped); panics after the socket's read timeout.
+fn next_notification(socket: &UnixDatagram, wanted: &str) -> String {
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = socket
+            .recv(&mut buf)
+            .unwrap_or_else(|e| panic!("no {wanted} from hispd: {e}"));
+        let text = String::from_utf8_lossy(&buf[..n]).to_string();
+        if let Some(line) = text.lines().find(|l| *l == wanted) {
+            return line.to_string();
+        }
+    }
+}
+
+/// One SMTP reply (all its lines).
+fn smtp_reply(stream: &mut std::net::TcpStream) -> String {
+    let mut reply = String::new();
+    let mut byte = [0u8; 1];
+    loop {
+        let mut line = String::new();
+        while !line.ends_with("\r\n") {
+            let n = stream.read(&mut byte).expect("SMTP reply");
+            assert!(n == 1, "connection closed after {reply}{line}");
+            line.push(byte[0] as char);
+        }
+        reply.push_str(&line);
+        if line.as_bytes().get(3) != Some(&b'-') {
+            return reply;
+        }
+    }
+}
 
 fn dsn_in_alices_mailbox(net: &Net) -> Vec<(String, String, String, Option<String>)> {
     let out = net.a.cli(&["mailbox", "list", ALICE], b"");
@@ -92,12 +128,37 @@ fn after_the_maximum_age_the_sender_gets_a_dsn() {
 #[test]
 fn sighup_reloads_anchors_without_a_restart() {
     let mut net = Net::new(|b| b.mx_port);
+    // B runs as under systemd (Type=notify, WatchdogSec): it says READY,
+    // pats the watchdog, and says STOPPING when told to stop.
+    let notify_dir = tempfile::tempdir().expect("tempdir");
+    let notify_path = notify_dir.path().join("notify");
+    let notify = UnixDatagram::bind(&notify_path).expect("notify socket");
+    notify
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    net.b.stop();
+    net.b
+        .env
+        .push(("NOTIFY_SOCKET".into(), notify_path.display().to_string()));
+    net.b.env.push(("WATCHDOG_USEC".into(), "400000".into()));
+    net.b.start();
+    assert_eq!(next_notification(&notify, "READY=1"), "READY=1");
+    assert_eq!(next_notification(&notify, "WATCHDOG=1"), "WATCHDOG=1");
+
     let anchor = net
         .b
         .dir
         .join("certs/b.example/anchors/both/a.example-ca.pem");
     let saved = std::fs::read(&anchor).expect("anchor");
     let pid_before = net.b.child.as_ref().map(|c| c.id());
+    // A session open on B's MX across the reload.
+    let mut session = std::net::TcpStream::connect(("127.0.0.1", net.b.mx_port)).expect("MX");
+    session
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    assert!(smtp_reply(&mut session).starts_with("220"));
+    session.write_all(b"EHLO probe.example\r\n").expect("EHLO");
+    assert!(smtp_reply(&mut session).starts_with("250"));
 
     // B stops trusting A: the next message is refused, and Alice hears why.
     std::fs::remove_file(&anchor).expect("remove anchor");
@@ -115,6 +176,11 @@ fn sighup_reloads_anchors_without_a_restart() {
         "{}",
         net.b.log_text()
     );
+    // The session opened before the reload still answers.
+    session.write_all(b"NOOP\r\n").expect("NOOP");
+    assert!(smtp_reply(&mut session).starts_with("250"), "session kept");
+    session.write_all(b"QUIT\r\n").expect("QUIT");
+    assert!(smtp_reply(&mut session).starts_with("221"));
     let results = submit(
         net.a.submission_port,
         &serde_json::json!([message(&[BOB], "hup-1", "refused")]),
@@ -161,6 +227,8 @@ fn sighup_reloads_anchors_without_a_restart() {
         pid_before,
         "the same process throughout"
     );
+    net.b.stop();
+    assert_eq!(next_notification(&notify, "STOPPING=1"), "STOPPING=1");
     net.a.stop();
     let dsn = dsn_in_alices_mailbox(&net);
     assert!(
