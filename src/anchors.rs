@@ -285,6 +285,7 @@ mod tests {
         DomainConfig {
             name: "a.example".into(),
             edge_relay: None,
+            routes: Vec::new(),
             dir: dir.to_path_buf(),
             incoming_anchors: vec![dir.join("anchors/incoming"), dir.join("anchors/both")],
             outgoing_anchors: vec![dir.join("anchors/outgoing"), dir.join("anchors/both")],

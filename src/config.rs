@@ -297,7 +297,18 @@ struct RawDomain {
     outgoing_anchors: Option<Vec<String>>,
     edge_relay: Option<String>,
     #[serde(default)]
+    routes: Vec<RawRoute>,
+    #[serde(default)]
     private: Vec<RawPrivate>,
+}
+
+/// `[[domains.routes]]`: where one address's received mail goes.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    address: String,
+    /// "host:port" of an edge relay, or "mailbox".
+    deliver: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -315,6 +326,9 @@ pub struct DomainConfig {
     pub name: String,
     /// Deliver received mail to this SMTP server ("host:port") instead of mailboxes.
     pub edge_relay: Option<String>,
+    /// Per address, overriding `edge_relay`: (address, relay "host:port",
+    /// or `None` for the built-in mailbox).
+    pub routes: Vec<(String, Option<String>)>,
     pub dir: PathBuf,
     pub incoming_anchors: Vec<PathBuf>,
     pub outgoing_anchors: Vec<PathBuf>,
@@ -589,20 +603,47 @@ impl Settings {
                     )),
                 }
             }
-            if let Some(relay) = &d.edge_relay {
-                if relay
+            let host_port = |relay: &str| {
+                relay
                     .rsplit_once(':')
                     .and_then(|(_, p)| p.parse::<u16>().ok())
-                    .is_none()
-                {
+                    .is_some()
+            };
+            if let Some(relay) = &d.edge_relay {
+                if !host_port(relay) {
                     problems.push(problem(
                         &key("edge_relay"),
                         format!("{relay:?} is not host:port"),
                     ));
                 }
             }
+            let mut routes = Vec::new();
+            for (j, route) in d.routes.iter().enumerate() {
+                let rkey = |k: &str| key(&format!("routes[{j}].{k}"));
+                match crate::address::DirectAddress::parse(&route.address) {
+                    Ok(a) if a.domain().eq_ignore_ascii_case(&name) => {}
+                    Ok(_) => problems.push(problem(
+                        &rkey("address"),
+                        format!("{:?} is not an address of {name}", route.address),
+                    )),
+                    Err(e) => problems.push(problem(&rkey("address"), e.to_string())),
+                }
+                let deliver = match route.deliver.as_str() {
+                    "mailbox" => None,
+                    relay if host_port(relay) => Some(relay.to_string()),
+                    other => {
+                        problems.push(problem(
+                            &rkey("deliver"),
+                            format!("{other:?} is neither \"mailbox\" nor host:port"),
+                        ));
+                        None
+                    }
+                };
+                routes.push((route.address.to_ascii_lowercase(), deliver));
+            }
             domains.push(DomainConfig {
                 edge_relay: d.edge_relay.clone(),
+                routes,
                 name,
                 dir,
                 incoming_anchors,
@@ -1157,6 +1198,39 @@ mod tests {
             ]
         );
         assert!(err.0.iter().all(|p| p.source == path.display().to_string()));
+    }
+
+    #[test]
+    fn routes_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("routes.toml");
+        std::fs::write(
+            &path,
+            "[[domains]]\nname = \"b.example\"\n\
+             [[domains.routes]]\naddress = \"carol@other.example\"\ndeliver = \"mailbox\"\n\
+             [[domains.routes]]\naddress = \"dave@b.example\"\ndeliver = \"ehr.example\"\n\
+             [[domains.routes]]\naddress = \"not an address\"\ndeliver = \"ehr.example:25\"\n",
+        )
+        .unwrap();
+        let err = Settings::load_with_env(Some(&path), no_env()).unwrap_err();
+        let problems: Vec<(String, String)> = err
+            .0
+            .iter()
+            .map(|p| (p.key.clone(), p.message.clone()))
+            .filter(|(k, _)| k.contains("routes"))
+            .collect();
+        let keys: Vec<&str> = problems.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(
+            keys,
+            vec![
+                "domains[0].routes[0].address",
+                "domains[0].routes[1].deliver",
+                "domains[0].routes[2].address"
+            ],
+            "{problems:?}"
+        );
+        assert!(problems[0].1.contains("not an address of b.example"));
+        assert!(problems[1].1.contains("neither \"mailbox\" nor host:port"));
     }
 
     #[test]

@@ -450,15 +450,21 @@ impl Worker {
 
     async fn edge_relay(&self, job: &mut Job, message: &[u8]) {
         let timely = mdn::wants_final_delivery(message);
-        let domain = job
+        let first = job
             .recipients
             .first()
-            .map(|r| domain_of(&r.address))
+            .map(|r| r.address.clone())
             .unwrap_or_default();
-        let Some(relay) = self.hub.edge_relays.get(&domain).cloned() else {
+        let domain = domain_of(&first);
+        let Some(relay) = self
+            .hub
+            .edge_routes
+            .relay_for(&domain, &first)
+            .map(str::to_string)
+        else {
             for r in job.recipients.iter_mut() {
                 r.status = RecipientStatus::Failed;
-                r.last_error = Some(format!("{domain} has no edge relay any more"));
+                r.last_error = Some(format!("{first} has no edge relay any more"));
             }
             return;
         };

@@ -86,7 +86,7 @@ pub struct Hub {
     pub(crate) config_path: Option<std::path::PathBuf>,
     /// CRLs and AIA for signers on receipt (cached across messages).
     pub(crate) revocation: crate::trust::revocation::RevocationChecker,
-    pub(crate) edge_relays: HashMap<String, String>,
+    pub(crate) edge_routes: EdgeRoutes,
     pub(crate) per_ip: Mutex<HashMap<IpAddr, usize>>,
     /// `[delivery] memory_budget_mb`, shared by the queue and the listeners.
     pub(crate) memory: Arc<crate::budget::MemoryBudget>,
@@ -96,6 +96,45 @@ pub struct Hub {
 
 pub(crate) fn audit(event: &str, detail: &str) {
     tracing::info!(target: "audit", event, detail);
+}
+
+/// Where received mail goes: per address (`[[domains.routes]]`), else per
+/// domain (`edge_relay`); `None` is the built-in mailbox.
+#[derive(Default)]
+pub(crate) struct EdgeRoutes {
+    domains: HashMap<String, String>,
+    /// Lower-cased address → relay, or `None` for the mailbox.
+    addresses: HashMap<String, Option<String>>,
+}
+
+impl EdgeRoutes {
+    pub(crate) fn new(domains: &[DomainConfig]) -> EdgeRoutes {
+        let mut routes = EdgeRoutes::default();
+        for d in domains {
+            if let Some(relay) = &d.edge_relay {
+                routes
+                    .domains
+                    .insert(d.name.to_ascii_lowercase(), relay.clone());
+            }
+            for (address, relay) in &d.routes {
+                routes
+                    .addresses
+                    .insert(address.to_ascii_lowercase(), relay.clone());
+            }
+        }
+        routes
+    }
+
+    /// The edge relay ("host:port") for `address` of local `domain`.
+    pub(crate) fn relay_for(&self, domain: &str, address: &str) -> Option<&str> {
+        match self.addresses.get(&address.to_ascii_lowercase()) {
+            Some(route) => route.as_deref(),
+            None => self
+                .domains
+                .get(&domain.to_ascii_lowercase())
+                .map(String::as_str),
+        }
+    }
 }
 
 pub(crate) fn domain_of(address: &str) -> String {
@@ -259,7 +298,17 @@ impl Hub {
                 continue;
             }
             let timely = mdn::wants_final_delivery(&opened.message);
-            if let Some(relay) = self.edge_relays.get(&domain) {
+            // Each recipient to its edge relay (per address, else per
+            // domain) or, with none, to its mailbox: one job per relay.
+            let mut relayed: BTreeMap<&str, Vec<&DirectAddress>> = BTreeMap::new();
+            let mut mailboxes = Vec::new();
+            for r in &rcpts {
+                match self.edge_routes.relay_for(&domain, &r.to_string()) {
+                    Some(relay) => relayed.entry(relay).or_default().push(r),
+                    None => mailboxes.push(r),
+                }
+            }
+            for (relay, group) in relayed {
                 let spool = match self.store.spool(&opened.message) {
                     Ok(s) => s,
                     Err(e) => return Reply::new(451, "4.3.0", format!("local storage error: {e}")),
@@ -269,7 +318,7 @@ impl Hub {
                     kind: JobKind::EdgeRelay,
                     spool,
                     mail_from: opened.report.from.clone(),
-                    recipients: rcpts
+                    recipients: group
                         .iter()
                         .map(|r| RecipientState::pending(r.to_string()))
                         .collect(),
@@ -282,8 +331,9 @@ impl Hub {
                 }
                 tracing::info!(job = %job.id, relay = %relay, "queued for the edge relay");
                 self.queued(&job);
-            } else {
-                for r in &rcpts {
+            }
+            {
+                for r in mailboxes {
                     match self.store.deliver_local(
                         &r.to_string(),
                         message_id.as_deref(),
@@ -1005,6 +1055,7 @@ fn bootstrap_dev_domain(
     settings.domains.push(DomainConfig {
         name: DEV_DOMAIN.into(),
         edge_relay: None,
+        routes: Vec::new(),
         incoming_anchors: vec![dir.join("anchors/incoming"), dir.join("anchors/both")],
         outgoing_anchors: vec![dir.join("anchors/outgoing"), dir.join("anchors/both")],
         dir,
@@ -1068,11 +1119,7 @@ impl Daemon {
             .build_discovery(&agent)
             .map_err(|e| ServeError::Config(e.to_string()))?;
         let tls = tls_acceptor(&settings)?;
-        let edge_relays = settings
-            .domains
-            .iter()
-            .filter_map(|d| d.edge_relay.clone().map(|r| (d.name.clone(), r)))
-            .collect();
+        let edge_routes = EdgeRoutes::new(&settings.domains);
         let memory = Arc::new(crate::budget::MemoryBudget::new(
             settings.delivery.memory_budget,
         ));
@@ -1138,7 +1185,7 @@ impl Daemon {
             wake: Notify::new(),
             fresh,
             fresh_rx: Mutex::new(Some(fresh_rx)),
-            edge_relays,
+            edge_routes,
             per_ip: Mutex::new(HashMap::new()),
             memory,
             deadlines: track::Deadlines::default(),

@@ -312,10 +312,24 @@ fn the_mx_refuses_unsigned_untrusted_and_relayed_mail_and_submission_needs_auth(
 #[test]
 fn received_mail_goes_decrypted_to_the_domains_edge_relay() {
     let sink = common::sink::SmtpSink::start(&[]);
+    let other_ehr = common::sink::SmtpSink::start(&[]);
     let mut net = Net::with_edge_relay(|b| b.mx_port, Some(sink.addr.to_string()));
+    // Per address, the route overrides the domain's edge relay: carol keeps
+    // a built-in mailbox, dave's mail goes to another EHR.
+    net.b.stop();
+    let mut config = std::fs::read_to_string(&net.b.config).expect("config");
+    config.push_str(&format!(
+        "\n[[domains.routes]]\naddress = \"carol@b.example\"\ndeliver = \"mailbox\"\n\
+         \n[[domains.routes]]\naddress = \"Dave@B.example\"\ndeliver = \"{}\"\n",
+        other_ehr.addr
+    ));
+    std::fs::write(&net.b.config, config).expect("config");
+    net.b.start();
+    const CAROL: &str = "carol@b.example";
+    const DAVE: &str = "dave@b.example";
     let results = submit(
         net.a.submission_port,
-        &serde_json::json!([message(&[BOB], "relay-1", "to the EHR")]),
+        &serde_json::json!([message(&[BOB, CAROL, DAVE], "relay-1", "to the EHR")]),
     );
     assert_eq!(results[0]["ok"], true, "{results:?}");
     let dump = sink.single_dump();
@@ -324,6 +338,16 @@ fn received_mail_goes_decrypted_to_the_domains_edge_relay() {
         text.contains("Message-ID: <relay-1@a.example>") && text.contains("to the EHR"),
         "{text}"
     );
+    let envelope = |dump: &str| -> Vec<String> {
+        dump.lines()
+            .filter_map(|l| l.strip_prefix("X-Rcpt-Args: "))
+            .map(str::to_string)
+            .collect()
+    };
+    assert_eq!(envelope(&text), vec![format!("<{BOB}>")], "{text}");
+    let other = String::from_utf8_lossy(&other_ehr.single_dump()).to_string();
+    assert!(other.contains("Message-ID: <relay-1@a.example>"), "{other}");
+    assert_eq!(envelope(&other), vec![format!("<{DAVE}>")], "{other}");
     assert!(
         !text.contains("pkcs7"),
         "the EHR gets the decrypted message: {text}"
@@ -340,6 +364,12 @@ fn received_mail_goes_decrypted_to_the_domains_edge_relay() {
     assert!(
         String::from_utf8_lossy(&list.stdout).trim().is_empty(),
         "nothing kept in B's mailbox"
+    );
+    let list = net.b.cli(&["mailbox", "list", CAROL], b"");
+    assert!(
+        String::from_utf8_lossy(&list.stdout).contains("<relay-1@a.example>"),
+        "carol's route keeps her mail in her mailbox: {}",
+        String::from_utf8_lossy(&list.stdout)
     );
     drop(net.bind.take());
 }
