@@ -21,6 +21,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::task::JoinSet;
+use tracing::Instrument;
 
 /// The queue worker: outgoing and edge-relay jobs, retries, DSNs.
 pub struct Worker {
@@ -123,13 +124,24 @@ impl Worker {
                     hub: self.hub.clone(),
                 };
                 let id = job.id.clone();
-                let handle = tasks.spawn(async move {
-                    if due(&job).is_some() {
-                        worker.process(job).await;
-                    } else {
-                        worker.finish(job).await;
+                // Every line about this job, whatever logs it (sealing, the
+                // SMTP client, our own MX path, audit events), carries the
+                // job id and the Message-ID.
+                let span = tracing::info_span!(
+                    "job",
+                    id = %job.id,
+                    message_id = job.message_id.as_deref().unwrap_or("-")
+                );
+                let handle = tasks.spawn(
+                    async move {
+                        if due(&job).is_some() {
+                            worker.process(job).await;
+                        } else {
+                            worker.finish(job).await;
+                        }
                     }
-                });
+                    .instrument(span),
+                );
                 tracing::info!(
                     job = %id,
                     bytes = size,

@@ -28,6 +28,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tokio::sync::Notify;
+use tracing::Instrument;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -847,8 +848,19 @@ fn message_id_of_report(message: &[u8]) -> Option<String> {
 }
 
 fn new_job_id() -> String {
+    static FALLBACK: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let mut b = [0u8; 12];
-    let _ = openssl::rand::rand_bytes(&mut b);
+    if openssl::rand::rand_bytes(&mut b).is_err() {
+        // Never the same id twice, even without randomness: the time in
+        // nanoseconds and a counter.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or_default();
+        let n = FALLBACK.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        b[..8].copy_from_slice(&nanos.to_be_bytes());
+        b[8..].copy_from_slice(&n.to_be_bytes());
+    }
     hex::encode(b)
 }
 
@@ -1387,8 +1399,18 @@ async fn accept_loop(
         }
         let hub = hub.clone();
         let config = config.clone();
+        // One id per SMTP session on every line it causes (audit events
+        // included); "accepted for delivery" and "delivered" tie it to the
+        // job id and the Message-ID.
+        let span = tracing::info_span!(
+            "smtp",
+            session = %new_job_id(),
+            peer = %remote
+        );
         tokio::spawn(async move {
-            smtp::serve_connection(stream, remote, config, hub.clone()).await;
+            smtp::serve_connection(stream, remote, config, hub.clone())
+                .instrument(span)
+                .await;
             let mut per_ip = hub.per_ip.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(n) = per_ip.get_mut(&ip) {
                 *n = n.saturating_sub(1);

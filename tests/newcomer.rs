@@ -156,6 +156,22 @@ fn the_readme_walkthrough_works_on_the_embedded_default() {
         .unwrap_or_else(|| panic!("a Message-ID: {message}"))
         .trim()
         .to_string();
+    // One id per message on every line about it: the job's span carries
+    // the Message-ID into sealing, the audit event and the delivery.
+    let text = std::fs::read_to_string(&log).expect("log");
+    for step in ["sealed", "incoming-trusted", "delivered mailbox="] {
+        assert!(
+            text.lines().any(|l| l.contains(step)
+                && l.contains(&format!("message_id=\"{message_id}\""))
+                && l.contains("job{id=")),
+            "the {step:?} line names the message:\n{text}"
+        );
+    }
+    assert!(
+        text.lines()
+            .any(|l| l.contains("auth-ok") && l.contains("smtp{session=")),
+        "the SMTP session's lines carry its id:\n{text}"
+    );
     assert!(
         list.status.success() && listing.starts_with("1\t") && listing.contains(&message_id),
         "{listing}\n{}",
