@@ -529,76 +529,74 @@ impl Hub {
                 }
             };
             tracing::info!(document = %entry.key, patients = ?entry.patient_ids, "C-CDA indexed");
-            let due = match index::due_pushes(self.store.as_ref(), &entry) {
-                Ok(d) => d,
-                Err(e) => {
-                    tracing::error!("push rules: {e}");
-                    continue;
-                }
-            };
-            for (rule, patient) in due {
-                let from = if self.settings.push_from.is_empty() {
-                    let first = self
-                        .agent()
-                        .domains
-                        .keys()
-                        .next()
-                        .cloned()
-                        .unwrap_or_default();
-                    format!("records@{first}")
-                } else {
-                    self.settings.push_from.clone()
-                };
-                let holder = if self.settings.holder_name.is_empty() {
-                    self.settings.server.hostname.clone()
-                } else {
-                    self.settings.holder_name.clone()
-                };
-                let message =
-                    index::push_message(&from, &rule.to, &holder, &patient.name, &xml, &doc);
-                let spool = match self.store.spool(&message) {
-                    Ok(s) => s,
-                    Err(e) => {
-                        tracing::error!("spooling a push: {e}");
-                        continue;
-                    }
-                };
-                let id = message_id_of(&message);
-                if let Some(mid) = &id {
-                    let t = track::Tracking::new(
-                        mid,
-                        &from,
-                        std::slice::from_ref(&rule.to),
-                        Self::now(),
-                    );
-                    if track::save(self.store.as_ref(), &t).is_ok() {
-                        self.deadlines.add(&t, self.mdn_timeout());
-                    }
-                }
-                let job = Job {
-                    id: new_job_id(),
-                    kind: JobKind::Outgoing,
-                    spool,
-                    mail_from: from.clone(),
-                    recipients: vec![RecipientState::pending(rule.to.clone())],
-                    created: Self::now(),
-                    message_id: id,
-                    dsn_sent: false,
-                };
-                match self.store.enqueue(&job) {
-                    Ok(()) => {
-                        audit(
-                            "push",
-                            &format!(
-                                "document {} for patient {} to {} (rule {})",
-                                entry.key, patient.id, rule.to, rule.id
-                            ),
-                        );
-                        self.queued(&job);
-                    }
-                    Err(e) => tracing::error!("queueing a push: {e}"),
-                }
-            }
+            let outcome = index::queue_pushes(
+                self.store.as_ref(),
+                &entry,
+                &xml,
+                &doc,
+                &self.push_sender(),
+                Self::now(),
+            );
+            self.pushes_queued(outcome);
+        }
+    }
+
+    /// Who pushes: `[documents] push_from` (else `records@<first local
+    /// domain>`) and `holder_name` (else the host name).
+    fn push_sender(&self) -> crate::documents::index::PushSender {
+        let from = if self.settings.push_from.is_empty() {
+            let first = self
+                .agent()
+                .domains
+                .keys()
+                .next()
+                .cloned()
+                .unwrap_or_default();
+            format!("records@{first}")
+        } else {
+            self.settings.push_from.clone()
+        };
+        let holder = if self.settings.holder_name.is_empty() {
+            self.settings.server.hostname.clone()
+        } else {
+            self.settings.holder_name.clone()
+        };
+        crate::documents::index::PushSender { from, holder }
+    }
+
+    /// At start-up: the pushes still due (a document indexed, or a push
+    /// that could not be queued, before a crash or a storage error).
+    pub(crate) fn queue_due_pushes(&self) {
+        use crate::documents::index;
+        match index::queue_due_pushes(self.store.as_ref(), &self.push_sender(), Self::now()) {
+            Ok(outcome) => self.pushes_queued(outcome),
+            Err(e) => tracing::error!("push rules: the pushes still due were not read: {e}"),
+        }
+    }
+
+    /// Logs what queueing pushes did and hands the new jobs to the worker.
+    fn pushes_queued(&self, outcome: crate::documents::index::PushOutcome) {
+        for f in &outcome.failed {
+            tracing::error!(
+                rule = %f.rule,
+                document = %f.document,
+                "push not recorded, tried again at the next start: {}",
+                f.error
+            );
+        }
+        for (rule, document) in &outcome.recovered {
+            tracing::info!(%rule, %document, "push found queued before a restart: recorded as sent");
+        }
+        for p in outcome.queued {
+            self.deadlines.add(&p.tracking, self.mdn_timeout());
+            audit(
+                "push",
+                &format!(
+                    "document {} for patient {} to {} (rule {})",
+                    p.document, p.patient.id, p.rule.to, p.rule.id
+                ),
+            );
+            self.queued(&p.job);
         }
     }
 
@@ -1209,6 +1207,7 @@ impl Daemon {
             ),
             settings,
         });
+        hub.queue_due_pushes();
         Ok(Daemon {
             hub,
             mx,

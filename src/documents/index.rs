@@ -7,9 +7,11 @@
 //! of its patient to a Direct address the patient chose.
 
 use super::ccda::{self, Ccda, InstanceId};
+use crate::notify::track;
 use crate::smime::mime::Entity;
-use crate::store::{Storage, StoreError};
+use crate::store::{Job, JobKind, RecipientState, Storage, StoreError};
 use serde::{Deserialize, Serialize};
+use std::collections::HashSet;
 
 pub const DOCS: &str = "document";
 pub const PATIENTS: &str = "patient";
@@ -25,6 +27,8 @@ pub enum DocumentError {
     PatientExists(String),
     #[error("no push rule {0}")]
     NoRule(String),
+    #[error("document {key} cannot be read again: {error}")]
+    Unreadable { key: String, error: ccda::CcdaError },
     #[error("{0:?} is not an identifier: use ROOT^EXTENSION (e.g. 2.16.840.1.113883.19.5^998991)")]
     BadIdentifier(String),
 }
@@ -297,8 +301,10 @@ pub fn revoke_rule(store: &dyn Storage, id: &str) -> Result<(), DocumentError> {
     put(store, RULES, id, &rule)
 }
 
-/// The push rules a new document triggers, marked as sent (a `once` rule is
-/// revoked after its first document). Durable on return.
+/// The push rules still due for a document: active rules of its patient
+/// made before it arrived that have not sent it yet. Nothing is marked here:
+/// a push is recorded as sent by [`mark_sent`] only once its job is queued
+/// (see [`queue_pushes`]).
 pub fn due_pushes(
     store: &dyn Storage,
     doc: &IndexedDocument,
@@ -307,8 +313,10 @@ pub fn due_pushes(
     if doc.superseded_by.is_some() {
         return Ok(out);
     }
-    for mut rule in rules(store)? {
-        if rule.revoked || rule.sent.contains(&doc.key) {
+    for rule in rules(store)? {
+        // A rule sends the documents that arrive after it, not the
+        // patient's history (which a restart's scan would otherwise send).
+        if rule.revoked || rule.sent.contains(&doc.key) || doc.received < rule.created {
             continue;
         }
         let Some(p) = patient(store, &rule.patient)? else {
@@ -317,14 +325,254 @@ pub fn due_pushes(
         if !doc.patient_ids.iter().any(|i| p.identifiers.contains(i)) {
             continue;
         }
-        rule.sent.push(doc.key.clone());
-        if rule.once {
-            rule.revoked = true;
-        }
-        put(store, RULES, &rule.id.clone(), &rule)?;
         out.push((rule, p));
     }
     Ok(out)
+}
+
+/// Records that `rule` has sent document `doc_key` (a `once` rule ends
+/// with it). Durable on return. A rule removed meanwhile is no error.
+pub fn mark_sent(store: &dyn Storage, rule_id: &str, doc_key: &str) -> Result<(), DocumentError> {
+    let Some(mut rule) = get::<PushRule>(store, RULES, rule_id)? else {
+        return Ok(());
+    };
+    if !rule.sent.iter().any(|k| k == doc_key) {
+        rule.sent.push(doc_key.to_string());
+    }
+    if rule.once {
+        rule.revoked = true;
+    }
+    put(store, RULES, rule_id, &rule)
+}
+
+/// Who sends pushes: the envelope and From address, and the data holder
+/// the note names.
+#[derive(Clone, Debug)]
+pub struct PushSender {
+    pub from: String,
+    pub holder: String,
+}
+
+/// The Message-ID (without angle brackets) of the push of one document by
+/// one rule: the same on every attempt, so that a job queued just before a
+/// crash is recognised instead of queued twice.
+pub fn push_message_id(rule_id: &str, doc_key: &str, from: &str) -> String {
+    let domain = from.rsplit_once('@').map(|(_, d)| d).unwrap_or("localhost");
+    let digest = hex::encode(openssl::sha::sha256(doc_key.as_bytes()));
+    let clean: String = rule_id
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .collect();
+    format!("push-{clean}-{}@{domain}", &digest[..24])
+}
+
+/// A push made durable: its message spooled, its job and tracking record
+/// stored, the rule marked as having sent the document.
+#[derive(Debug)]
+pub struct QueuedPush {
+    pub document: String,
+    pub rule: PushRule,
+    pub patient: PatientRecord,
+    pub job: Job,
+    pub tracking: track::Tracking,
+}
+
+/// A push that went wrong, naming the rule and the document.
+#[derive(Debug)]
+pub struct PushFailure {
+    pub rule: String,
+    pub document: String,
+    pub error: DocumentError,
+}
+
+/// What queueing pushes did.
+#[derive(Debug, Default)]
+pub struct PushOutcome {
+    /// New jobs, to hand to the queue worker.
+    pub queued: Vec<QueuedPush>,
+    /// (rule, document) pushes whose job was already in the queue (stored
+    /// before a crash that came before the rule's record): marked only.
+    pub recovered: Vec<(String, String)>,
+    /// Pushes not queued (still due: retried at the next start), or queued
+    /// but not marked (recognised by their Message-ID at the next start).
+    pub failed: Vec<PushFailure>,
+}
+
+/// Serialises the read-modify-write of push rules by concurrent sessions
+/// (two documents for one `once` rule, two marks of one rule).
+static PUSHES: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Queues the pushes a newly indexed document is due: for each rule, the
+/// message is spooled, the tracking record and the job stored, and only
+/// then is the rule marked as having sent the document. A failure before
+/// the job is stored leaves the push due (see [`queue_due_pushes`]).
+pub fn queue_pushes(
+    store: &dyn Storage,
+    entry: &IndexedDocument,
+    xml: &[u8],
+    doc: &Ccda,
+    sender: &PushSender,
+    now: i64,
+) -> PushOutcome {
+    let _guard = PUSHES.lock().unwrap_or_else(|p| p.into_inner());
+    let mut out = PushOutcome::default();
+    queue_document(
+        store,
+        entry,
+        xml,
+        doc,
+        sender,
+        now,
+        &HashSet::new(),
+        &mut out,
+    );
+    out
+}
+
+/// At start-up: queues every push still due (a document indexed, or a
+/// push that failed, before a crash or a storage error). A job already in
+/// the queue for a push (same Message-ID) is not queued again; the rule is
+/// only marked.
+pub fn queue_due_pushes(
+    store: &dyn Storage,
+    sender: &PushSender,
+    now: i64,
+) -> Result<PushOutcome, DocumentError> {
+    let _guard = PUSHES.lock().unwrap_or_else(|p| p.into_inner());
+    let mut out = PushOutcome::default();
+    if rules(store)?.iter().all(|r| r.revoked) {
+        return Ok(out);
+    }
+    let in_queue: HashSet<String> = store
+        .jobs()?
+        .into_iter()
+        .filter_map(|j| j.message_id)
+        .collect();
+    let mut docs = documents(store)?;
+    // In arrival order, so that a `once` rule sends the first one.
+    docs.sort_by(|a, b| (a.received, &a.key).cmp(&(b.received, &b.key)));
+    for entry in docs {
+        if due_pushes(store, &entry)?.is_empty() {
+            continue;
+        }
+        let parsed = store
+            .read(&entry.spool)
+            .map_err(DocumentError::from)
+            .and_then(|xml| {
+                ccda::parse(&xml, &ccda::Limits::default())
+                    .map(|doc| (xml, doc))
+                    .map_err(|error| DocumentError::Unreadable {
+                        key: entry.key.clone(),
+                        error,
+                    })
+            });
+        match parsed {
+            Ok((xml, doc)) => {
+                queue_document(store, &entry, &xml, &doc, sender, now, &in_queue, &mut out)
+            }
+            Err(error) => out.failed.push(PushFailure {
+                rule: "*".into(),
+                document: entry.key.clone(),
+                error,
+            }),
+        }
+    }
+    Ok(out)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn queue_document(
+    store: &dyn Storage,
+    entry: &IndexedDocument,
+    xml: &[u8],
+    doc: &Ccda,
+    sender: &PushSender,
+    now: i64,
+    in_queue: &HashSet<String>,
+    out: &mut PushOutcome,
+) {
+    let due = match due_pushes(store, entry) {
+        Ok(d) => d,
+        Err(error) => {
+            out.failed.push(PushFailure {
+                rule: "*".into(),
+                document: entry.key.clone(),
+                error,
+            });
+            return;
+        }
+    };
+    for (rule, patient) in due {
+        let fail = |error| PushFailure {
+            rule: rule.id.clone(),
+            document: entry.key.clone(),
+            error,
+        };
+        let id = push_message_id(&rule.id, &entry.key, &sender.from);
+        let bracketed = format!("<{id}>");
+        if in_queue.contains(&bracketed) {
+            match mark_sent(store, &rule.id, &entry.key) {
+                Ok(()) => out.recovered.push((rule.id.clone(), entry.key.clone())),
+                Err(e) => out.failed.push(fail(e)),
+            }
+            continue;
+        }
+        let message = push_message(
+            &sender.from,
+            &rule.to,
+            &sender.holder,
+            &patient.name,
+            &id,
+            xml,
+            doc,
+        );
+        let queued = (|| -> Result<(Job, track::Tracking), DocumentError> {
+            let spool = store.spool(&message)?;
+            let tracking = track::Tracking::new(
+                &bracketed,
+                &sender.from,
+                std::slice::from_ref(&rule.to),
+                now,
+            );
+            // Made durable by the enqueue just below.
+            track::save_deferred(store, &tracking)?;
+            let job = Job {
+                id: new_job_id(),
+                kind: JobKind::Outgoing,
+                spool,
+                mail_from: sender.from.clone(),
+                recipients: vec![RecipientState::pending(rule.to.clone())],
+                created: now,
+                message_id: Some(bracketed.clone()),
+                dsn_sent: false,
+            };
+            store.enqueue(&job)?;
+            Ok((job, tracking))
+        })();
+        let (job, tracking) = match queued {
+            Ok(x) => x,
+            Err(e) => {
+                out.failed.push(fail(e));
+                continue;
+            }
+        };
+        if let Err(e) = mark_sent(store, &rule.id, &entry.key) {
+            out.failed.push(fail(e));
+        }
+        out.queued.push(QueuedPush {
+            document: entry.key.clone(),
+            rule,
+            patient,
+            job,
+            tracking,
+        });
+    }
+}
+
+fn new_job_id() -> String {
+    let mut b = [0u8; 12];
+    let _ = openssl::rand::rand_bytes(&mut b);
+    hex::encode(b)
 }
 
 /// The pushed message: a note, the C-CDA as application/xml and its HTML rendering.
@@ -333,13 +581,13 @@ pub fn push_message(
     to: &str,
     holder: &str,
     patient: &str,
+    message_id: &str,
     xml: &[u8],
     doc: &Ccda,
 ) -> Vec<u8> {
     let mut rand = [0u8; 12];
     let _ = openssl::rand::rand_bytes(&mut rand);
     let boundary = format!("=_hispd_push_{}", hex::encode(rand));
-    let domain = from.rsplit_once('@').map(|(_, d)| d).unwrap_or("localhost");
     let clean = |s: &str| {
         s.chars()
             .map(|c| if c.is_control() { ' ' } else { c })
@@ -351,7 +599,7 @@ pub fn push_message(
         String::from_utf8_lossy(&crate::smime::mime::encode_base64_lines(d)).into_owned()
     };
     format!(
-        "From: {from}\r\nTo: {to}\r\nSubject: {title}\r\nDate: {date}\r\nMessage-ID: <push-{id}@{domain}>\r\nMIME-Version: 1.0\r\n\
+        "From: {from}\r\nTo: {to}\r\nSubject: {title}\r\nDate: {date}\r\nMessage-ID: <{id}>\r\nMIME-Version: 1.0\r\n\
 Content-Type: multipart/mixed; boundary=\"{boundary}\"\r\n\r\n\
 --{boundary}\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n\
 This message was sent by {holder} at the request of {patient}.\r\nIt carries a health record ({title}) as a C-CDA document and as a readable page.\r\n\
@@ -361,7 +609,7 @@ This message was sent by {holder} at the request of {patient}.\r\nIt carries a h
         from = clean(from),
         to = clean(to),
         date = chrono::Utc::now().to_rfc2822(),
-        id = hex::encode(rand),
+        id = clean(message_id),
         holder = clean(holder),
         patient = clean(patient),
         xml = b64(xml),
@@ -413,6 +661,7 @@ mod tests {
         assert_eq!(index(&store, &xml, &doc, 2).unwrap(), Indexed::Duplicate);
         let due = due_pushes(&store, &entry).unwrap();
         assert_eq!(due.len(), 1);
+        mark_sent(&store, &due[0].0.id, &entry.key).unwrap();
         assert!(
             due_pushes(&store, &entry).unwrap().is_empty(),
             "sent once per document"
@@ -441,10 +690,251 @@ mod tests {
             "app@phr.example",
             "Clinic",
             "Test",
+            "push-1@a.example",
             &xml,
             &doc,
         );
         assert_eq!(ccdas_in_message(&msg).len(), 1);
         assert!(String::from_utf8_lossy(&msg).contains("at the request of Test"));
+    }
+
+    /// A store whose queue or push-rule writes fail, as a full disk would.
+    struct Faulty<'a> {
+        inner: &'a SledStore,
+        fail_enqueue: bool,
+        fail_rule_writes: bool,
+    }
+
+    fn refused() -> StoreError {
+        StoreError::Index("refused by the test".into())
+    }
+
+    impl Storage for Faulty<'_> {
+        fn spool(&self, data: &[u8]) -> Result<String, StoreError> {
+            self.inner.spool(data)
+        }
+        fn read(&self, spool: &str) -> Result<Vec<u8>, StoreError> {
+            self.inner.read(spool)
+        }
+        fn spool_len(&self, spool: &str) -> Result<u64, StoreError> {
+            self.inner.spool_len(spool)
+        }
+        fn enqueue(&self, job: &crate::store::Job) -> Result<(), StoreError> {
+            if self.fail_enqueue {
+                return Err(refused());
+            }
+            self.inner.enqueue(job)
+        }
+        fn update_job(&self, job: &crate::store::Job) -> Result<(), StoreError> {
+            self.inner.update_job(job)
+        }
+        fn finish_job(&self, id: &str) -> Result<(), StoreError> {
+            self.inner.finish_job(id)
+        }
+        fn job(&self, id: &str) -> Result<Option<crate::store::Job>, StoreError> {
+            self.inner.job(id)
+        }
+        fn jobs(&self) -> Result<Vec<crate::store::Job>, StoreError> {
+            self.inner.jobs()
+        }
+        fn deliver_local(
+            &self,
+            mailbox: &str,
+            message_id: Option<&str>,
+            data: &[u8],
+        ) -> Result<crate::store::LocalDelivery, StoreError> {
+            self.inner.deliver_local(mailbox, message_id, data)
+        }
+        fn mailbox(&self, mailbox: &str) -> Result<Vec<crate::store::MailboxEntry>, StoreError> {
+            self.inner.mailbox(mailbox)
+        }
+        fn mailbox_message(&self, mailbox: &str, uid: u64) -> Result<Vec<u8>, StoreError> {
+            self.inner.mailbox_message(mailbox, uid)
+        }
+        fn append(&self, mailbox: &str, data: &[u8], flags: &[String]) -> Result<u64, StoreError> {
+            self.inner.append(mailbox, data, flags)
+        }
+        fn set_flags(&self, mailbox: &str, uid: u64, flags: &[String]) -> Result<(), StoreError> {
+            self.inner.set_flags(mailbox, uid, flags)
+        }
+        fn expunge(&self, mailbox: &str, uids: &[u64]) -> Result<(), StoreError> {
+            self.inner.expunge(mailbox, uids)
+        }
+        fn uid_next(&self, mailbox: &str) -> Result<u64, StoreError> {
+            self.inner.uid_next(mailbox)
+        }
+        fn mailboxes(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+            self.inner.mailboxes(prefix)
+        }
+        fn put_record(&self, kind: &str, key: &str, value: &[u8]) -> Result<(), StoreError> {
+            if self.fail_rule_writes && kind == RULES {
+                return Err(refused());
+            }
+            self.inner.put_record(kind, key, value)
+        }
+        fn put_record_deferred(
+            &self,
+            kind: &str,
+            key: &str,
+            value: &[u8],
+        ) -> Result<(), StoreError> {
+            if self.fail_rule_writes && kind == RULES {
+                return Err(refused());
+            }
+            self.inner.put_record_deferred(kind, key, value)
+        }
+        fn get_record(&self, kind: &str, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+            self.inner.get_record(kind, key)
+        }
+        fn remove_record(&self, kind: &str, key: &str) -> Result<(), StoreError> {
+            self.inner.remove_record(kind, key)
+        }
+        fn records(&self, kind: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+            self.inner.records(kind)
+        }
+    }
+
+    const SENDER: &str = "records@a.example";
+
+    fn sender() -> PushSender {
+        PushSender {
+            from: SENDER.into(),
+            holder: "Clinic".into(),
+        }
+    }
+
+    /// A store with patient p1 (the identifier of hl7-ccd-1.xml) and the
+    /// document parsed.
+    fn patient_store(dir: &std::path::Path) -> (SledStore, Vec<u8>, Ccda) {
+        let store = SledStore::open(dir).unwrap();
+        let xml = fixture("hl7-ccd-1.xml");
+        let doc = ccda::parse(&xml, &ccda::Limits::default()).unwrap();
+        let pid = doc.patients[0].ids.iter().find_map(id_key).unwrap();
+        add_patient(
+            &store,
+            &PatientRecord {
+                id: "p1".into(),
+                name: "Test".into(),
+                identifiers: vec![pid],
+                password_hash: None,
+            },
+        )
+        .unwrap();
+        (store, xml, doc)
+    }
+
+    fn new_entry(store: &dyn Storage, xml: &[u8], doc: &Ccda, now: i64) -> IndexedDocument {
+        match index(store, xml, doc, now).unwrap() {
+            Indexed::New(e) => e,
+            Indexed::Duplicate => panic!("a new document"),
+        }
+    }
+
+    fn rule(store: &dyn Storage, id: &str) -> PushRule {
+        get(store, RULES, id).unwrap().unwrap()
+    }
+
+    #[test]
+    fn a_push_that_cannot_be_queued_stays_due_and_the_next_start_sends_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, xml, doc) = patient_store(dir.path());
+        let r = add_rule(&store, "p1", "app@phr.example", false, 0).unwrap();
+        let entry = new_entry(&store, &xml, &doc, 1);
+
+        let full_disk = Faulty {
+            inner: &store,
+            fail_enqueue: true,
+            fail_rule_writes: false,
+        };
+        let outcome = queue_pushes(&full_disk, &entry, &xml, &doc, &sender(), 2);
+        assert!(outcome.queued.is_empty());
+        assert_eq!(outcome.failed.len(), 1, "{outcome:?}");
+        assert_eq!(outcome.failed[0].rule, r.id);
+        assert_eq!(outcome.failed[0].document, entry.key);
+        assert!(store.jobs().unwrap().is_empty());
+        assert!(rule(&store, &r.id).sent.is_empty(), "not recorded as sent");
+        assert_eq!(due_pushes(&store, &entry).unwrap().len(), 1, "still due");
+
+        // The next start queues it.
+        let outcome = queue_due_pushes(&store, &sender(), 3).unwrap();
+        assert_eq!(outcome.queued.len(), 1, "{outcome:?}");
+        assert!(outcome.failed.is_empty(), "{outcome:?}");
+        let jobs = store.jobs().unwrap();
+        assert_eq!(jobs.len(), 1);
+        assert_eq!(jobs[0].mail_from, SENDER);
+        assert_eq!(jobs[0].recipients[0].address, "app@phr.example");
+        let id = format!("<{}>", push_message_id(&r.id, &entry.key, SENDER));
+        assert_eq!(jobs[0].message_id.as_deref(), Some(id.as_str()));
+        let message = store.read(&jobs[0].spool).unwrap();
+        assert_eq!(ccdas_in_message(&message), vec![xml.clone()]);
+        assert!(String::from_utf8_lossy(&message).contains(&format!("Message-ID: {id}")));
+        assert!(track::load(&store, &id).unwrap().is_some(), "tracked");
+        assert_eq!(rule(&store, &r.id).sent, vec![entry.key.clone()]);
+
+        // Nothing more is due: a further start queues nothing.
+        let outcome = queue_due_pushes(&store, &sender(), 4).unwrap();
+        assert!(outcome.queued.is_empty() && outcome.recovered.is_empty());
+        assert_eq!(store.jobs().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_push_queued_but_not_recorded_is_not_queued_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, xml, doc) = patient_store(dir.path());
+        let r = add_rule(&store, "p1", "app@phr.example", false, 0).unwrap();
+        let entry = new_entry(&store, &xml, &doc, 1);
+        let rules_fail = Faulty {
+            inner: &store,
+            fail_enqueue: false,
+            fail_rule_writes: true,
+        };
+        let outcome = queue_pushes(&rules_fail, &entry, &xml, &doc, &sender(), 2);
+        assert_eq!(outcome.queued.len(), 1, "the job is queued");
+        assert_eq!(outcome.failed.len(), 1, "the mark is not");
+        assert_eq!(due_pushes(&store, &entry).unwrap().len(), 1);
+
+        let outcome = queue_due_pushes(&store, &sender(), 3).unwrap();
+        assert!(outcome.queued.is_empty(), "{outcome:?}");
+        assert_eq!(outcome.recovered, vec![(r.id.clone(), entry.key.clone())]);
+        assert_eq!(store.jobs().unwrap().len(), 1, "one job, not two");
+        assert!(due_pushes(&store, &entry).unwrap().is_empty());
+    }
+
+    #[test]
+    fn the_start_up_scan_keeps_to_revocation_once_and_rule_age() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, xml, doc) = patient_store(dir.path());
+        let first = new_entry(&store, &xml, &doc, 10);
+        let mut other = doc.clone();
+        other.id = Some(InstanceId {
+            root: Some("1.2.3".into()),
+            extension: Some("second".into()),
+        });
+        other.set_id = None;
+        let second = new_entry(&store, &xml, &other, 20);
+
+        let once = add_rule(&store, "p1", "once@phr.example", true, 5).unwrap();
+        let revoked = add_rule(&store, "p1", "revoked@phr.example", false, 5).unwrap();
+        revoke_rule(&store, &revoked.id).unwrap();
+        let late = add_rule(&store, "p1", "late@phr.example", false, 30).unwrap();
+
+        let outcome = queue_due_pushes(&store, &sender(), 40).unwrap();
+        let pushed: Vec<(&str, &str)> = outcome
+            .queued
+            .iter()
+            .map(|p| (p.rule.id.as_str(), p.document.as_str()))
+            .collect();
+        assert_eq!(
+            pushed,
+            vec![(once.id.as_str(), first.key.as_str())],
+            "the once rule sends the first document only; the revoked rule \
+             nothing; a rule sends no document older than itself"
+        );
+        assert!(rule(&store, &once.id).revoked);
+        assert!(rule(&store, &revoked.id).sent.is_empty());
+        assert!(rule(&store, &late.id).sent.is_empty());
+        for entry in [&first, &second] {
+            assert!(due_pushes(&store, entry).unwrap().is_empty());
+        }
     }
 }
