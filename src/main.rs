@@ -981,25 +981,22 @@ fn xdm_command(cmd: XdmCommand) -> Result<ExitCode> {
             }
             let mut docs = Vec::new();
             for f in &files {
-                let data = read_file(f)?;
-                let is_xml = data.trim_ascii_start().starts_with(b"<");
-                docs.push(xdm::PackDocument {
-                    name: f
-                        .file_name()
-                        .map(|n| n.to_string_lossy().into_owned())
-                        .unwrap_or_default(),
-                    mime_type: if is_xml {
-                        "text/xml".into()
-                    } else {
-                        "application/octet-stream".into()
-                    },
-                    data,
-                    patient_id: None,
-                    unique_id: None,
-                });
+                let name = f
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                docs.push(xdm::PackDocument::from_file(name, read_file(f)?)?);
             }
             let zip = xdm::write(&docs, &to, "hispd")?;
             std::fs::write(&out, zip).with_context(|| format!("writing {}", out.display()))?;
+            for d in docs.iter().filter(|d| d.unique_id.is_some()) {
+                println!(
+                    "  {}: C-CDA {}, patient {}",
+                    d.name,
+                    d.unique_id.as_deref().unwrap_or("-"),
+                    d.patient_id.as_deref().unwrap_or("(no identifier)")
+                );
+            }
             println!("{} document(s) packed into {}", docs.len(), out.display());
         }
         XdmCommand::Unpack { file, out } => {

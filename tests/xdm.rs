@@ -4,6 +4,7 @@ use std::io::{Cursor, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use hispd::documents::ccda;
 use hispd::documents::xdm::{self, recipient_address, Limits, PackDocument, XdmError, XdmPackage};
 use zip::write::SimpleFileOptions;
 use zip::{CompressionMethod, ZipWriter};
@@ -465,5 +466,176 @@ fn tampered_document_fails_verification() {
     assert!(
         msg.starts_with("document IHE_XDM/SUBSET01/CCDAAMB.XML: hash mismatch (metadata b0bd1f77dca00011cfa4bd7be15cf22aeaba145b, actual "),
         "{msg}"
+    );
+}
+
+fn ccda_fixture(name: &str) -> Vec<u8> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/fixtures/ccda")
+        .join(name);
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn sha1_hex(data: &[u8]) -> String {
+    hex::encode(openssl::sha::sha1(data))
+}
+
+/// A METADATA.XML describing one text/xml document: a URI slot when `uri`
+/// is given, always its SHA-1 hash, and an intendedRecipient.
+fn subset_metadata(uri: Option<&str>, data: &[u8], recipient: &str) -> String {
+    let uri = uri
+        .map(|u| format!("<Slot name=\"URI\"><ValueList><Value>{u}</Value></ValueList></Slot>"))
+        .unwrap_or_default();
+    format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\
+         <SubmitObjectsRequest xmlns=\"urn:oasis:names:tc:ebxml-regrep:xsd:lcm:3.0\">\
+         <RegistryObjectList xmlns=\"urn:oasis:names:tc:ebxml-regrep:xsd:rim:3.0\">\
+         <ExtrinsicObject id=\"Document01\" mimeType=\"text/xml\">\
+         <Slot name=\"hash\"><ValueList><Value>{hash}</Value></ValueList></Slot>\
+         <Slot name=\"size\"><ValueList><Value>{size}</Value></ValueList></Slot>{uri}\
+         </ExtrinsicObject>\
+         <RegistryPackage id=\"SubmissionSet01\"><Slot name=\"intendedRecipient\"><ValueList>\
+         <Value>||^^Internet^{recipient}</Value></ValueList></Slot></RegistryPackage>\
+         </RegistryObjectList></SubmitObjectsRequest>",
+        hash = sha1_hex(data),
+        size = data.len(),
+    )
+}
+
+#[test]
+fn several_subsets_are_all_read_by_uri_and_by_hash() {
+    let ccd = ccda_fixture("hl7-ccd-1.xml");
+    let referral = ccda_fixture("hl7-referral-note.xml");
+    let meta1 = subset_metadata(Some("CCD.XML"), &ccd, "one@b.example");
+    // SUBSET02 names no URI: its document is found by hash.
+    let meta2 = subset_metadata(None, &referral, "two@b.example");
+    let bytes = zip_of(&[
+        ("README.TXT", b"two subsets"),
+        ("INDEX.HTM", b"<html></html>"),
+        ("IHE_XDM/SUBSET01/METADATA.XML", meta1.as_bytes()),
+        ("IHE_XDM/SUBSET01/CCD.XML", &ccd),
+        ("IHE_XDM/SUBSET02/METADATA.XML", meta2.as_bytes()),
+        ("IHE_XDM/SUBSET02/REFERRAL.XML", &referral),
+    ]);
+    let pkg = xdm::read(&bytes, &Limits::default()).unwrap();
+    assert_eq!(pkg.subsets, vec!["SUBSET01", "SUBSET02"]);
+    assert_eq!(pkg.documents.len(), 2, "{pkg:?}");
+    let paths: Vec<&str> = pkg.documents.iter().map(|d| d.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        vec!["IHE_XDM/SUBSET01/CCD.XML", "IHE_XDM/SUBSET02/REFERRAL.XML"]
+    );
+    assert_eq!(pkg.documents[0].data, ccd);
+    assert_eq!(pkg.documents[1].data, referral);
+    for d in &pkg.documents {
+        assert!(d.verified, "{}: hash and size checked", d.path);
+        assert_eq!(d.hash_sha1.as_deref(), Some(sha1_hex(&d.data).as_str()));
+    }
+    let titles: Vec<Option<String>> = pkg
+        .documents
+        .iter()
+        .map(|d| {
+            ccda::parse(&d.data, &ccda::Limits::default())
+                .unwrap()
+                .title
+        })
+        .collect();
+    assert_eq!(
+        titles,
+        vec![
+            Some("Patient Chart Summary".to_string()),
+            Some("Referral Note".to_string())
+        ]
+    );
+    let mut recipients: Vec<&str> = pkg
+        .intended_recipients
+        .iter()
+        .filter_map(|r| recipient_address(r))
+        .collect();
+    recipients.sort();
+    assert_eq!(recipients, vec!["one@b.example", "two@b.example"]);
+    let warnings = pkg.warnings.join("\n");
+    assert!(!warnings.contains("not described"), "{warnings}");
+}
+
+#[test]
+fn a_packed_ccda_gives_the_metadata_its_patient_and_document_ids() {
+    let ccd = ccda_fixture("hl7-ccd-1.xml");
+    let doc = PackDocument::from_file("hl7-ccd-1.xml".into(), ccd.clone()).unwrap();
+    let patient = "444222222^^^&2.16.840.1.113883.4.1&ISO";
+    let unique = "2.16.840.1.113883.19.5.99999.1^TT988";
+    assert_eq!(doc.mime_type, "text/xml");
+    assert_eq!(doc.patient_id.as_deref(), Some(patient));
+    assert_eq!(doc.unique_id.as_deref(), Some(unique));
+
+    let bytes = xdm::write(&[doc], &["bob@b.example".into()], "hispd").unwrap();
+    let metadata = zip_entry(&bytes, "IHE_XDM/SUBSET01/METADATA.XML");
+    let tree = roxmltree::Document::parse(&metadata).unwrap();
+    // The ExternalIdentifier values by their XDS label.
+    let identifier = |label: &str| {
+        tree.descendants()
+            .filter(|n| n.has_tag_name("ExternalIdentifier"))
+            .find(|n| {
+                n.descendants().any(|d| {
+                    d.has_tag_name("LocalizedString") && d.attribute("value") == Some(label)
+                })
+            })
+            .and_then(|n| n.attribute("value"))
+            .map(str::to_string)
+    };
+    assert_eq!(
+        identifier("XDSDocumentEntry.patientId").as_deref(),
+        Some(patient),
+        "{metadata}"
+    );
+    assert_eq!(
+        identifier("XDSDocumentEntry.uniqueId").as_deref(),
+        Some(unique),
+        "{metadata}"
+    );
+    assert_eq!(
+        identifier("XDSSubmissionSet.patientId").as_deref(),
+        Some(patient),
+        "{metadata}"
+    );
+    let source_patient: Vec<&str> = tree
+        .descendants()
+        .filter(|n| n.has_tag_name("Slot") && n.attribute("name") == Some("sourcePatientId"))
+        .flat_map(|n| n.descendants().filter(|d| d.has_tag_name("Value")))
+        .filter_map(|v| v.text())
+        .collect();
+    assert_eq!(source_patient, vec![patient], "{metadata}");
+    let pkg = xdm::read(&bytes, &Limits::default()).unwrap();
+    assert_eq!(pkg.documents[0].patient_id.as_deref(), Some(patient));
+    assert_eq!(pkg.documents[0].unique_id.as_deref(), Some(unique));
+
+    // A document id without an extension is its root alone.
+    let referral =
+        PackDocument::from_file("referral.xml".into(), ccda_fixture("hl7-referral-note.xml"))
+            .unwrap();
+    assert_eq!(
+        referral.unique_id.as_deref(),
+        Some("6f1bd58b-c58f-40b7-b314-caf1294ed98b")
+    );
+
+    // Not a C-CDA: no ids, typed by content.
+    let pdf = PackDocument::from_file("a.pdf".into(), b"%PDF-1.4".to_vec()).unwrap();
+    assert_eq!(pdf.mime_type, "application/octet-stream");
+    assert_eq!((pdf.patient_id, pdf.unique_id), (None, None));
+    let xml = PackDocument::from_file("a.xml".into(), b"<note/>".to_vec()).unwrap();
+    assert_eq!(xml.mime_type, "text/xml");
+    assert_eq!((xml.patient_id, xml.unique_id), (None, None));
+
+    // A C-CDA that cannot be read is refused, saying so.
+    let err = PackDocument::from_file(
+        "broken.xml".into(),
+        b"<ClinicalDocument xmlns=\"urn:hl7-org:v3\"><id root=\"1\">".to_vec(),
+    )
+    .unwrap_err();
+    assert!(matches!(err, XdmError::Ccda { .. }), "{err:?}");
+    assert!(
+        err.to_string()
+            .starts_with("broken.xml: looks like a C-CDA but cannot be read"),
+        "{err}"
     );
 }

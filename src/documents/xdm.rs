@@ -82,6 +82,11 @@ pub enum XdmError {
         metadata: u64,
         actual: u64,
     },
+    #[error("{name}: looks like a C-CDA but cannot be read: {error}")]
+    Ccda {
+        name: String,
+        error: super::ccda::CcdaError,
+    },
     #[error("cannot write package: {0}")]
     Write(String),
     #[error("{path}: {source}")]
@@ -160,6 +165,51 @@ pub struct PackDocument {
     pub patient_id: Option<String>,
     /// XDSDocumentEntry.uniqueId; one is generated (2.25.<random>) if absent.
     pub unique_id: Option<String>,
+}
+
+impl PackDocument {
+    /// A file to package, typed by its content. A C-CDA is `text/xml` and
+    /// gives the metadata its patient (the first recordTarget id with a
+    /// root and an extension, as the CX `extension^^^&root&ISO`) and its
+    /// uniqueId (the document id as `root^extension`, the form IHE gives
+    /// CDA documents). Other XML is `text/xml`, anything else
+    /// `application/octet-stream`, both without ids. A file that looks
+    /// like a C-CDA but cannot be read is refused, saying why.
+    pub fn from_file(name: String, data: Vec<u8>) -> Result<PackDocument, XdmError> {
+        use super::ccda;
+        let mut patient_id = None;
+        let mut unique_id = None;
+        if ccda::is_ccda(&data) {
+            let doc =
+                ccda::parse(&data, &ccda::Limits::default()).map_err(|error| XdmError::Ccda {
+                    name: name.clone(),
+                    error,
+                })?;
+            patient_id = doc.patients.iter().flat_map(|p| &p.ids).find_map(|id| {
+                match (&id.root, &id.extension) {
+                    (Some(root), Some(ext)) => Some(format!("{ext}^^^&{root}&ISO")),
+                    _ => None,
+                }
+            });
+            unique_id = doc.id.as_ref().and_then(super::index::id_key);
+        }
+        let is_xml = data
+            .strip_prefix(b"\xef\xbb\xbf".as_slice())
+            .unwrap_or(&data)
+            .trim_ascii_start()
+            .starts_with(b"<");
+        Ok(PackDocument {
+            name,
+            mime_type: if is_xml || unique_id.is_some() {
+                "text/xml".into()
+            } else {
+                "application/octet-stream".into()
+            },
+            data,
+            patient_id,
+            unique_id,
+        })
+    }
 }
 
 /// The e-mail address in an intendedRecipient value: the XTN component
