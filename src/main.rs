@@ -972,6 +972,46 @@ fn ccda_command(cmd: CcdaCommand) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// What a document of a package is, for `xdm inspect`.
+enum PackageDocumentKind {
+    Ccda { title: Option<String> },
+    UnreadableCcda(String),
+    Other,
+}
+
+impl PackageDocumentKind {
+    fn of(data: &[u8]) -> PackageDocumentKind {
+        use hispd::documents::ccda;
+        if !ccda::is_ccda(data) {
+            return PackageDocumentKind::Other;
+        }
+        match ccda::parse(data, &ccda::Limits::default()) {
+            Ok(doc) => PackageDocumentKind::Ccda { title: doc.title },
+            Err(e) => PackageDocumentKind::UnreadableCcda(e.to_string()),
+        }
+    }
+
+    fn json(&self) -> serde_json::Value {
+        match self {
+            PackageDocumentKind::Ccda { title } => serde_json::json!({"title": title}),
+            PackageDocumentKind::UnreadableCcda(e) => serde_json::json!({"error": e}),
+            PackageDocumentKind::Other => serde_json::Value::Null,
+        }
+    }
+}
+
+impl std::fmt::Display for PackageDocumentKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PackageDocumentKind::Ccda { title } => {
+                write!(f, "C-CDA \"{}\"", title.as_deref().unwrap_or("(no title)"))
+            }
+            PackageDocumentKind::UnreadableCcda(e) => write!(f, "a C-CDA that cannot be read: {e}"),
+            PackageDocumentKind::Other => f.write_str("not a C-CDA"),
+        }
+    }
+}
+
 fn xdm_command(cmd: XdmCommand) -> Result<ExitCode> {
     use hispd::documents::xdm;
     match cmd {
@@ -1006,21 +1046,32 @@ fn xdm_command(cmd: XdmCommand) -> Result<ExitCode> {
         }
         XdmCommand::Inspect { file, json } => {
             let pkg = xdm::read(&read_file(&file)?, &xdm::Limits::default())?;
+            let kinds: Vec<PackageDocumentKind> = pkg
+                .documents
+                .iter()
+                .map(|d| PackageDocumentKind::of(&d.data))
+                .collect();
+            let ccdas = kinds
+                .iter()
+                .filter(|k| matches!(k, PackageDocumentKind::Ccda { .. }))
+                .count();
             if json {
                 let docs: Vec<_> = pkg
                     .documents
                     .iter()
-                    .map(|d| serde_json::json!({"path": d.path, "mime_type": d.mime_type, "unique_id": d.unique_id,
-                        "sha1": d.hash_sha1, "size": d.data.len(), "patient_id": d.patient_id, "verified": d.verified}))
+                    .zip(&kinds)
+                    .map(|(d, kind)| serde_json::json!({"path": d.path, "mime_type": d.mime_type, "unique_id": d.unique_id,
+                        "sha1": d.hash_sha1, "size": d.data.len(), "patient_id": d.patient_id, "verified": d.verified,
+                        "ccda": kind.json()}))
                     .collect();
                 let v = serde_json::json!({"subsets": pkg.subsets, "documents": docs,
                     "intended_recipients": pkg.intended_recipients, "warnings": pkg.warnings});
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 println!("subsets: {}", pkg.subsets.join(", "));
-                for d in &pkg.documents {
+                for (d, kind) in pkg.documents.iter().zip(&kinds) {
                     println!(
-                        "  {} ({}, {} bytes{})",
+                        "  {} ({}, {} bytes{}): {kind}",
                         d.path,
                         d.mime_type.as_deref().unwrap_or("?"),
                         d.data.len(),
@@ -1035,6 +1086,7 @@ fn xdm_command(cmd: XdmCommand) -> Result<ExitCode> {
                     "intended recipients: {}",
                     pkg.intended_recipients.join(", ")
                 );
+                println!("C-CDA documents: {ccdas} of {}", pkg.documents.len());
                 for w in &pkg.warnings {
                     println!("warning: {w}");
                 }
