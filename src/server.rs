@@ -578,7 +578,7 @@ impl Hub {
     fn pushes_queued(&self, outcome: crate::documents::index::PushOutcome) {
         for f in &outcome.failed {
             tracing::error!(
-                rule = %f.rule,
+                rule = f.rule.as_deref().unwrap_or("(all)"),
                 document = %f.document,
                 "push not recorded, tried again at the next start: {}",
                 f.error

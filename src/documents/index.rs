@@ -380,7 +380,8 @@ pub struct QueuedPush {
 /// A push that went wrong, naming the rule and the document.
 #[derive(Debug)]
 pub struct PushFailure {
-    pub rule: String,
+    /// None when the document itself could not be looked at.
+    pub rule: Option<String>,
     pub document: String,
     pub error: DocumentError,
 }
@@ -471,7 +472,7 @@ pub fn queue_due_pushes(
                 queue_document(store, &entry, &xml, &doc, sender, now, &in_queue, &mut out)
             }
             Err(error) => out.failed.push(PushFailure {
-                rule: "*".into(),
+                rule: None,
                 document: entry.key.clone(),
                 error,
             }),
@@ -495,7 +496,7 @@ fn queue_document(
         Ok(d) => d,
         Err(error) => {
             out.failed.push(PushFailure {
-                rule: "*".into(),
+                rule: None,
                 document: entry.key.clone(),
                 error,
             });
@@ -504,7 +505,7 @@ fn queue_document(
     };
     for (rule, patient) in due {
         let fail = |error| PushFailure {
-            rule: rule.id.clone(),
+            rule: Some(rule.id.clone()),
             document: entry.key.clone(),
             error,
         };
@@ -546,7 +547,12 @@ fn queue_document(
                 message_id: Some(bracketed.clone()),
                 dsn_sent: false,
             };
-            store.enqueue(&job)?;
+            if let Err(e) = store.enqueue(&job) {
+                // No job, no tracking: a message never sent must not time
+                // out into a DSN. The push stays due.
+                let _ = store.remove_record(track::KIND, &bracketed);
+                return Err(e.into());
+            }
             Ok((job, tracking))
         })();
         let (job, tracking) = match queued {
@@ -849,9 +855,11 @@ mod tests {
         let outcome = queue_pushes(&full_disk, &entry, &xml, &doc, &sender(), 2);
         assert!(outcome.queued.is_empty());
         assert_eq!(outcome.failed.len(), 1, "{outcome:?}");
-        assert_eq!(outcome.failed[0].rule, r.id);
+        assert_eq!(outcome.failed[0].rule.as_deref(), Some(r.id.as_str()));
         assert_eq!(outcome.failed[0].document, entry.key);
         assert!(store.jobs().unwrap().is_empty());
+        let id = format!("<{}>", push_message_id(&r.id, &entry.key, SENDER));
+        assert!(track::load(&store, &id).unwrap().is_none(), "no tracking");
         assert!(rule(&store, &r.id).sent.is_empty(), "not recorded as sent");
         assert_eq!(due_pushes(&store, &entry).unwrap().len(), 1, "still due");
 
@@ -863,7 +871,6 @@ mod tests {
         assert_eq!(jobs.len(), 1);
         assert_eq!(jobs[0].mail_from, SENDER);
         assert_eq!(jobs[0].recipients[0].address, "app@phr.example");
-        let id = format!("<{}>", push_message_id(&r.id, &entry.key, SENDER));
         assert_eq!(jobs[0].message_id.as_deref(), Some(id.as_str()));
         let message = store.read(&jobs[0].spool).unwrap();
         assert_eq!(ccdas_in_message(&message), vec![xml.clone()]);
