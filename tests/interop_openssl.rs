@@ -393,3 +393,115 @@ fn opening_a_handed_over_message_gives_the_same_result() {
         .expect("refused");
     assert_eq!(a.to_string(), b.to_string());
 }
+
+/// The outer (unprotected) header: exactly From, To, Cc, Date, Message-ID,
+/// In-Reply-To, References and MIME-Version are copied; the Subject is
+/// replaced by the configured text unless `outer_subject = "copy"`; every
+/// other header (and the body) travels only inside, where openssl finds it.
+#[test]
+fn only_the_routing_headers_travel_outside() {
+    use hispd::agent::OuterSubject;
+    let world = World::new();
+    let original = format!(
+        "From: Alice <{ALICE}>\r\nTo: Bob <{BOB}>\r\nCc: Carol <carol@receiver.example>\r\n\
+         Subject: HIV test result\r\nDate: Fri, 04 Dec 2026 10:00:00 +0000\r\n\
+         Message-ID: <m7@sender.example>\r\nIn-Reply-To: <m6@receiver.example>\r\n\
+         References: <m5@sender.example> <m6@receiver.example>\r\nX-Patient-Id: 12345\r\n\
+         Keywords: confidential\r\nMIME-Version: 1.0\r\nContent-Type: text/plain\r\n\r\nnegative\r\n"
+    )
+    .into_bytes();
+    let header_of = |sealed: &[u8]| -> Vec<(String, String)> {
+        let text = String::from_utf8_lossy(sealed).to_string();
+        let head = text
+            .split("\r\n\r\n")
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        head.replace("\r\n ", " ")
+            .replace("\r\n\t", " ")
+            .lines()
+            .filter_map(|l| l.split_once(':'))
+            .map(|(n, v)| (n.trim().to_string(), v.trim().to_string()))
+            .collect()
+    };
+    let sealed = seal(&world, AgentSettings::default(), &original);
+    let outer = header_of(&sealed);
+    let names: Vec<&str> = outer.iter().map(|(n, _)| n.as_str()).collect();
+    for name in [
+        "From",
+        "To",
+        "Cc",
+        "Date",
+        "Message-ID",
+        "In-Reply-To",
+        "References",
+        "MIME-Version",
+        "Subject",
+        "Content-Type",
+    ] {
+        assert!(
+            names.iter().any(|n| n.eq_ignore_ascii_case(name)),
+            "{name} outside: {outer:?}"
+        );
+    }
+    let allowed = [
+        "from",
+        "to",
+        "cc",
+        "date",
+        "message-id",
+        "in-reply-to",
+        "references",
+        "mime-version",
+        "subject",
+        "content-type",
+        "content-disposition",
+        "content-transfer-encoding",
+        "content-description",
+    ];
+    for (name, value) in &outer {
+        assert!(
+            allowed.contains(&name.to_ascii_lowercase().as_str()),
+            "{name}: {value} must not travel outside"
+        );
+    }
+    let value = |name: &str| {
+        outer
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    };
+    assert_eq!(value("In-Reply-To"), "<m6@receiver.example>");
+    assert_eq!(
+        value("References"),
+        "<m5@sender.example> <m6@receiver.example>"
+    );
+    assert!(!value("Subject").contains("HIV"), "{outer:?}");
+    // Inside, everything is kept.
+    let receiver = world.files("receiver");
+    let signed = openssl_decrypt(&sealed, &receiver.cert, &receiver.key).expect("decrypt");
+    let inner = openssl_verify(&signed, &world.files("sender-ca").cert).expect("verify");
+    let inner = String::from_utf8_lossy(&inner).to_string();
+    for line in [
+        "Subject: HIV test result",
+        "X-Patient-Id: 12345",
+        "Keywords: confidential",
+    ] {
+        assert!(inner.contains(line), "{line} inside: {inner}");
+    }
+
+    // outer_subject = "copy": the Subject is copied as written.
+    let copy = AgentSettings {
+        outer_subject: OuterSubject::Copy,
+        ..AgentSettings::default()
+    };
+    let outer = header_of(&seal(&world, copy, &original));
+    assert!(
+        outer
+            .iter()
+            .any(|(n, v)| n == "Subject" && v == "HIV test result"),
+        "{outer:?}"
+    );
+    assert!(!outer.iter().any(|(n, _)| n == "X-Patient-Id"), "{outer:?}");
+}

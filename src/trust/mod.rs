@@ -520,3 +520,25 @@ pub fn check_binding(
         )),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_sha2_digests_are_allowed() {
+        for ok in [Nid::SHA256, Nid::SHA384, Nid::SHA512] {
+            assert!(check_digest(ok).is_ok(), "{ok:?}");
+        }
+        for (bad, name) in [
+            (Nid::SHA1, "SHA1"),
+            (Nid::MD5, "MD5"),
+            (Nid::SHA224, "SHA224"),
+        ] {
+            match check_digest(bad) {
+                Err(TrustError::ForbiddenDigest(n)) => assert_eq!(n, name),
+                other => panic!("{name} must be forbidden: {other:?}"),
+            }
+        }
+    }
+}
