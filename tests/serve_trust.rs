@@ -143,6 +143,15 @@ fn a_changed_bundle_changes_what_the_running_daemon_trusts() {
         submit_and_wait(&net, "bundle-3", 1),
         "still trusted with the last good copy"
     );
+    // A restart while the source is still broken starts from the last good
+    // copy kept on disk.
+    net.b.stop();
+    net.b.start();
+    assert!(
+        submit_and_wait(&net, "bundle-3b", 1),
+        "trusted after a restart from the copy on disk\n{}",
+        net.b.log_text()
+    );
 
     // v3 drops A's CA again: no longer trusted.
     make_bundle(&served.join("community.p7b"), &[&other]);
