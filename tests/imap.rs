@@ -674,3 +674,117 @@ fn mbsync_pushes_a_new_local_folder_once() {
         "{raw}"
     );
 }
+
+/// Every byte the server sends in a session covering the common commands
+/// parses with imap-codec's strict RFC 3501 decoders (greeting, then
+/// responses): an independent check of our response syntax (literals,
+/// ENVELOPE and BODYSTRUCTURE quoting, response codes) beyond what the
+/// forgiving clients above accept.
+#[test]
+fn every_response_parses_with_imap_codec() {
+    use imap_codec::decode::Decoder;
+    use imap_codec::imap_types::response::{Response, Status};
+    use imap_codec::{GreetingCodec, ResponseCodec};
+    let server = start(false);
+    let mut stream = TcpStream::connect(("127.0.0.1", server.port)).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+    let mut transcript: Vec<u8> = Vec::new();
+    let mut line = Vec::new();
+    reader.read_until(b'\n', &mut line).expect("greeting");
+    transcript.extend_from_slice(&line);
+    let appended = MSG4.to_vec();
+    let commands: Vec<Vec<u8>> = vec![
+        b"CAPABILITY".to_vec(),
+        format!("LOGIN {ACCOUNT} {PASSWORD}").into_bytes(),
+        b"LIST \"\" \"*\"".to_vec(),
+        b"LSUB \"\" \"*\"".to_vec(),
+        b"STATUS INBOX (MESSAGES RECENT UIDNEXT UIDVALIDITY UNSEEN)".to_vec(),
+        b"SELECT INBOX".to_vec(),
+        b"FETCH 1:3 (FLAGS UID INTERNALDATE RFC822.SIZE ENVELOPE BODYSTRUCTURE BODY)".to_vec(),
+        b"FETCH 1 (BODY.PEEK[HEADER.FIELDS (SUBJECT FROM)] BODY.PEEK[TEXT]<0.10>)".to_vec(),
+        b"FETCH 3 (BODY[1] BODY[2.MIME] BODY.PEEK[HEADER])".to_vec(),
+        b"FETCH 2 (RFC822.HEADER RFC822.TEXT)".to_vec(),
+        b"UID FETCH 1:* (FLAGS)".to_vec(),
+        b"STORE 1 +FLAGS (\\Flagged)".to_vec(),
+        b"UID STORE 2 FLAGS (\\Seen \\Answered)".to_vec(),
+        b"SEARCH UNSEEN".to_vec(),
+        b"UID SEARCH FROM \"alice\"".to_vec(),
+        b"COPY 1 INBOX".to_vec(),
+        [
+            format!("APPEND INBOX (\\Seen) {{{}+}}\r\n", appended.len()).as_bytes(),
+            &appended,
+        ]
+        .concat(),
+        b"STORE 1 +FLAGS (\\Deleted)".to_vec(),
+        b"EXPUNGE".to_vec(),
+        b"EXAMINE INBOX".to_vec(),
+        b"NOOP".to_vec(),
+        b"CLOSE".to_vec(),
+        b"LOGOUT".to_vec(),
+    ];
+    for (i, command) in commands.iter().enumerate() {
+        let tag = format!("c{i}");
+        stream
+            .write_all(&[format!("{tag} ").as_bytes(), command, b"\r\n"].concat())
+            .expect("send");
+        loop {
+            line.clear();
+            let n = reader.read_until(b'\n', &mut line).expect("read");
+            assert!(n > 0, "connection closed during {tag}");
+            transcript.extend_from_slice(&line);
+            // A literal: its bytes follow the line that announces it.
+            if let Some(open) = line.iter().rposition(|&b| b == b'{') {
+                let count = std::str::from_utf8(&line[open + 1..])
+                    .ok()
+                    .and_then(|s| s.trim_end().strip_suffix('}'))
+                    .and_then(|s| s.parse::<usize>().ok());
+                if let Some(count) = count {
+                    let mut literal = vec![0u8; count];
+                    reader.read_exact(&mut literal).expect("literal");
+                    transcript.extend_from_slice(&literal);
+                    continue;
+                }
+            }
+            if line.starts_with(format!("{tag} ").as_bytes()) {
+                assert!(
+                    line.starts_with(format!("{tag} OK").as_bytes()),
+                    "{}",
+                    String::from_utf8_lossy(&transcript)
+                );
+                break;
+            }
+        }
+    }
+
+    let (mut rest, _) = GreetingCodec::default()
+        .decode(&transcript)
+        .unwrap_or_else(|e| panic!("greeting: {e:?}\n{}", String::from_utf8_lossy(&transcript)));
+    let (mut tagged_ok, mut responses) = (0, 0);
+    while !rest.is_empty() {
+        match ResponseCodec::default().decode(rest) {
+            Ok((remaining, response)) => {
+                responses += 1;
+                if let Response::Status(Status::Tagged(t)) = &response {
+                    assert_eq!(
+                        t.body.kind,
+                        imap_codec::imap_types::response::StatusKind::Ok
+                    );
+                    tagged_ok += 1;
+                }
+                rest = remaining;
+            }
+            Err(e) => {
+                let shown = &rest[..rest.len().min(300)];
+                panic!(
+                    "imap-codec cannot parse our response ({e:?}):\n{}",
+                    String::from_utf8_lossy(shown)
+                );
+            }
+        }
+    }
+    assert_eq!(tagged_ok, commands.len(), "every command completed");
+    assert!(responses > commands.len() * 2, "{responses} responses");
+}
