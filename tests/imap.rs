@@ -343,11 +343,16 @@ print('ok')
     );
     let out = finish(python(&server, &script));
     assert!(out.contains("ok"));
-    // Only non-PEEK BODY[] fetches count: message 2 of INBOX, then its copy
-    // read from the EXAMINE'd Archive.
+    // Whole-message fetches count, peeking or not: messages 1 (BODY.PEEK[])
+    // and 2 (BODY[]) of INBOX, then 2's copy read from the EXAMINE'd
+    // Archive; message 3's sections and the header fetches do not.
     assert_eq!(
         server.backend.fetched(),
-        vec![(ACCOUNT.to_string(), 2), (format!("{ACCOUNT}/archive"), 1)]
+        vec![
+            (ACCOUNT.to_string(), 1),
+            (ACCOUNT.to_string(), 2),
+            (format!("{ACCOUNT}/archive"), 1)
+        ]
     );
 }
 

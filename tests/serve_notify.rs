@@ -1,8 +1,9 @@
 //! Delivery notifications between two HISPs (Implementation Guide for
 //! Delivery Notification in Direct): B answers with a processed MDN, and
-//! with a dispatched MDN once Bob fetched the message over IMAP when timely
-//! and reliable delivery was asked; A records them; with B down, Alice gets
-//! a failure DSN after the (shortened) timeout; nobody answers an MDN.
+//! with a dispatched MDN once Bob's client fetched the whole message over
+//! IMAP (peeking or not) when timely and reliable delivery was asked; A
+//! records them; with B down, Alice gets a failure DSN after the
+//! (shortened) timeout; nobody answers an MDN.
 
 mod common;
 
@@ -27,9 +28,11 @@ fn count(log: &str, needle: &str) -> usize {
     log.lines().filter(|l| l.contains(needle)).count()
 }
 
+/// Fetches every message in Bob's INBOX with the given item, as mbsync
+/// and Thunderbird do with BODY.PEEK[], and prints the flags afterwards.
 const FETCH_PY: &str = r#"
 import imaplib, ssl, sys
-port, user, password = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+port, user, password, item = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
 m = imaplib.IMAP4("127.0.0.1", port)
 ctx = ssl.create_default_context()
 ctx.check_hostname = False
@@ -39,10 +42,33 @@ m.login(user, password)
 m.select("INBOX")
 typ, data = m.search(None, "ALL")
 for num in data[0].split():
-    typ, msg = m.fetch(num, "(BODY[])")
+    typ, msg = m.fetch(num, "(" + item + ")")
+    assert typ == "OK", msg
     print(len(msg[0][1]))
+    typ, flags = m.fetch(num, "(FLAGS)")
+    print(flags[0].decode())
 m.logout()
 "#;
+
+fn fetch_bobs_mail(net: &Net, item: &str) -> String {
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            FETCH_PY,
+            &net.b.imap_port.to_string(),
+            BOB,
+            BOB_PASSWORD,
+            item,
+        ])
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "imaplib: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
 
 #[test]
 fn processed_and_dispatched_mdns_reach_the_sender_and_are_tracked() {
@@ -87,22 +113,20 @@ fn processed_and_dispatched_mdns_reach_the_sender_and_are_tracked() {
         "no dispatched MDN before Bob reads it"
     );
 
-    // Bob reads his mail over IMAP: the timely one is now at its final destination.
-    let out = Command::new("python3")
-        .args([
-            "-c",
-            FETCH_PY,
-            &net.b.imap_port.to_string(),
-            BOB,
-            BOB_PASSWORD,
-        ])
-        .output()
-        .expect("python3");
-    assert!(
-        out.status.success(),
-        "imaplib: {}",
-        String::from_utf8_lossy(&out.stderr)
+    // Headers only are not the message: it has not reached its final
+    // destination yet (B reports that synchronously, before the FETCH reply).
+    fetch_bobs_mail(&net, "BODY.PEEK[HEADER]");
+    assert_eq!(
+        count(&net.b.log_text(), "reached its final destination"),
+        0,
+        "{}",
+        net.b.log_text()
     );
+    // Bob's client reads his mail over IMAP with BODY.PEEK[], as mbsync and
+    // Thunderbird do: the timely one is now at its final destination,
+    // though still unseen.
+    let fetched = fetch_bobs_mail(&net, "BODY.PEEK[]");
+    assert!(!fetched.contains("\\Seen"), "a peek: {fetched}");
     assert!(
         net.a.wait_log(Duration::from_secs(60), |l| l
             .lines()

@@ -141,6 +141,9 @@ struct Selected {
     store: String,
     read_only: bool,
     uids: Vec<u64>,
+    /// By UID, how many bytes of the whole message (from its start) partial
+    /// `BODY[]<start.len>` fetches have sent so far in this session.
+    partly_sent: HashMap<u64, u64>,
 }
 
 struct Session<B: EdgeBackend> {
@@ -918,6 +921,7 @@ impl<B: EdgeBackend> Session<B> {
             store,
             read_only,
             uids,
+            partly_sent: HashMap::new(),
         });
         if read_only {
             ok("[READ-ONLY] EXAMINE completed")
@@ -1207,14 +1211,18 @@ impl<B: EdgeBackend> Session<B> {
     }
 
     async fn fetch<S: AsyncWrite + Unpin>(
-        &self,
+        &mut self,
         stream: &mut S,
         uid: bool,
         set: &SequenceSet,
         atts: &[FetchAtt],
         out: &mut Vec<u8>,
     ) -> Done {
-        let Some(sel) = self.selected.as_ref() else {
+        let Some((mailbox, read_only)) = self
+            .selected
+            .as_ref()
+            .map(|sel| (sel.store.clone(), sel.read_only))
+        else {
             return bad("no mailbox selected");
         };
         let storage = self.backend.storage();
@@ -1238,29 +1246,16 @@ impl<B: EdgeBackend> Session<B> {
                 FetchAtt::Rfc822 | FetchAtt::Rfc822Text | FetchAtt::Section { peek: false, .. }
             )
         });
-        let whole = |a: &FetchAtt, size: usize| match a {
-            FetchAtt::Rfc822 => true,
-            FetchAtt::Section {
-                peek: false,
-                section,
-                partial,
-            } => {
-                section.part.is_empty()
-                    && section.text == SectionText::Full
-                    && partial.is_none_or(|(start, len)| start == 0 && len >= size as u64)
-            }
-            _ => false,
-        };
         let mut failed = false;
         for (seq, u) in self.targets(uid, set) {
             let Some(entry) = entries.get_mut(&u) else {
                 continue;
             };
             let raw = if needs_message {
-                match storage.mailbox_message(&sel.store, u) {
+                match storage.mailbox_message(&mailbox, u) {
                     Ok(r) => r,
                     Err(e) => {
-                        tracing::warn!(error = %e, mailbox = %sel.store, uid = u, "IMAP FETCH could not read a message");
+                        tracing::warn!(error = %e, mailbox = %mailbox, uid = u, "IMAP FETCH could not read a message");
                         failed = true;
                         continue;
                     }
@@ -1269,10 +1264,10 @@ impl<B: EdgeBackend> Session<B> {
                 Vec::new()
             };
             let mut flags_changed = false;
-            if sets_seen && !sel.read_only && !has_flag(&entry.flags, "\\Seen") {
+            if sets_seen && !read_only && !has_flag(&entry.flags, "\\Seen") {
                 let mut flags = entry.flags.clone();
                 flags.push("\\Seen".into());
-                if let Err(e) = storage.set_flags(&sel.store, u, &flags) {
+                if let Err(e) = storage.set_flags(&mailbox, u, &flags) {
                     return storage_failed(&e);
                 }
                 entry.flags = flags;
@@ -1331,8 +1326,28 @@ impl<B: EdgeBackend> Session<B> {
             if out.len() > FLUSH_AT && !send(stream, out).await {
                 return bad("connection lost");
             }
-            if atts.iter().any(|a| whole(a, raw.len())) {
-                self.backend.fetched(&sel.store, u);
+            // Peeking or not: mbsync and Thunderbird fetch with BODY.PEEK[].
+            let size = raw.len() as u64;
+            let mut sent = self
+                .selected
+                .as_ref()
+                .and_then(|sel| sel.partly_sent.get(&u).copied())
+                .unwrap_or(0);
+            // Every item, not only up to the first whole one: each partial
+            // one adds to what was sent.
+            let mut whole = false;
+            for a in &atts {
+                whole |= gives_whole_message(a, size, &mut sent);
+            }
+            if let Some(sel) = self.selected.as_mut() {
+                if whole {
+                    sel.partly_sent.remove(&u);
+                } else if sent > 0 {
+                    sel.partly_sent.insert(u, sent);
+                }
+            }
+            if whole {
+                self.backend.fetched(&mailbox, u);
             }
         }
         if failed {
@@ -1514,6 +1529,31 @@ impl<B: EdgeBackend> Session<B> {
     }
 }
 
+/// Whether fetching `att` hands the client the whole message of `size`
+/// bytes, i.e. it reached its final destination: RFC822, BODY[] or
+/// BODY.PEEK[] (peeking only keeps \Seen unset), or partial fetches of
+/// BODY[] that together cover it from its start, as Thunderbird fetches
+/// large messages in chunks. `sent` is how much of it, from its start, the
+/// session sent before; it grows with a partial fetch that continues it.
+/// A header, text or part section is not the whole message.
+fn gives_whole_message(att: &FetchAtt, size: u64, sent: &mut u64) -> bool {
+    match att {
+        FetchAtt::Rfc822 => true,
+        FetchAtt::Section {
+            section, partial, ..
+        } if section.part.is_empty() && section.text == SectionText::Full => match partial {
+            None => true,
+            Some((start, len)) => {
+                if *start <= *sent {
+                    *sent = (*sent).max(start.saturating_add(*len).min(size));
+                }
+                *sent >= size
+            }
+        },
+        _ => false,
+    }
+}
+
 fn push_section(item: &mut Vec<u8>, raw: &[u8], section: &Section, partial: Option<(u64, u64)>) {
     let data = section_bytes(raw, section).unwrap_or_default();
     item.extend_from_slice(format!("BODY[{}]", section.render()).as_bytes());
@@ -1546,6 +1586,51 @@ mod tests {
         assert!(pattern_matches(b"a/%", b"a/b"));
         assert!(pattern_matches(b"*b", b"a/b"));
         assert!(!pattern_matches(b"S", b"Sent"));
+    }
+
+    #[test]
+    fn whole_message_fetches_peek_or_not_and_in_chunks() {
+        let section = |peek, text, partial| FetchAtt::Section {
+            peek,
+            section: Section {
+                part: Vec::new(),
+                text,
+            },
+            partial,
+        };
+        let whole = |att: &FetchAtt| gives_whole_message(att, 100, &mut 0);
+        assert!(whole(&FetchAtt::Rfc822));
+        assert!(whole(&section(false, SectionText::Full, None)));
+        assert!(
+            whole(&section(true, SectionText::Full, None)),
+            "BODY.PEEK[]"
+        );
+        assert!(whole(&section(true, SectionText::Full, Some((0, 4096)))));
+        assert!(!whole(&section(true, SectionText::Header, None)));
+        assert!(!whole(&section(false, SectionText::Text, None)));
+        assert!(!whole(&FetchAtt::Rfc822Header));
+        assert!(!whole(&FetchAtt::Rfc822Text));
+        let part = FetchAtt::Section {
+            peek: false,
+            section: Section {
+                part: vec![1],
+                text: SectionText::Full,
+            },
+            partial: None,
+        };
+        assert!(!whole(&part));
+        // Chunks from the start add up; one that skips ahead does not count.
+        let mut sent = 0;
+        let chunk = |start, len| section(true, SectionText::Full, Some((start, len)));
+        assert!(!gives_whole_message(&chunk(0, 40), 100, &mut sent));
+        assert!(!gives_whole_message(&chunk(70, 40), 100, &mut sent));
+        assert_eq!(sent, 40);
+        assert!(!gives_whole_message(&chunk(40, 40), 100, &mut sent));
+        assert!(gives_whole_message(&chunk(80, 40), 100, &mut sent));
+        assert!(
+            !gives_whole_message(&chunk(50, 50), 100, &mut 0),
+            "only the end"
+        );
     }
 
     #[test]
