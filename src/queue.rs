@@ -445,6 +445,7 @@ impl Worker {
                     });
                 tracing::info!(job = %job.id, recipient = %address, outcome = %outcome, "delivery attempt");
                 if let (Outcome::Completed, Some(id)) = (&outcome, &job.message_id) {
+                    let _tracking = self.hub.lock_tracking();
                     if let Ok(Some(mut t)) = track::load(self.hub.store.as_ref(), id) {
                         t.note(
                             &address.to_string(),
@@ -675,6 +676,7 @@ impl Worker {
             return;
         }
         for id in self.hub.deadlines.take_due(now) {
+            let _tracking = self.hub.lock_tracking();
             let mut t = match track::load(store, &id) {
                 Ok(Some(t)) => t,
                 Ok(None) => continue,
@@ -683,10 +685,13 @@ impl Worker {
                     continue;
                 }
             };
-            let overdue = t.overdue(now, timeout);
-            let failed: Vec<FailedRecipient> = overdue
+            let waiting = t.clone();
+            // Only recipients the sender has not heard of: one whose
+            // delivery failed here was reported (and marked failed) then.
+            let failed: Vec<FailedRecipient> = t
+                .overdue(now, timeout)
                 .into_iter()
-                .filter(|(addr, why)| t.fail(addr, why, now))
+                .filter(|(addr, why)| t.fail(addr, why, now) == track::Applied::Recorded)
                 .map(|(address, why)| FailedRecipient {
                     address,
                     status: "4.4.7".into(),
@@ -696,9 +701,6 @@ impl Worker {
                 })
                 .collect();
             if failed.is_empty() {
-                continue;
-            }
-            if track::save(self.hub.store.as_ref(), &t).is_err() {
                 continue;
             }
             audit(
@@ -711,7 +713,16 @@ impl Worker {
                 t.message_id,
                 t.subject.clone().unwrap_or_default()
             );
-            self.deliver_dsn(&t.sender, headers.as_bytes(), &failed, t.created);
+            // The DSN first, then the record that says it went: a crash in
+            // between reports the timeout again rather than never.
+            if !self.deliver_dsn(&t.sender, headers.as_bytes(), &failed, t.created) {
+                // Due again: tried at the next check.
+                self.hub.deadlines.add(&waiting, timeout);
+                continue;
+            }
+            if let Err(e) = track::save(store, &t) {
+                tracing::error!("tracking record {id}: {e}");
+            }
         }
     }
 
@@ -777,21 +788,46 @@ impl Worker {
             && job.kind == JobKind::Outgoing
             && !job.mail_from.is_empty()
         {
-            // Failed here means no MDN will ever come: later ones are suppressed.
-            if let Some(id) = &job.message_id {
-                if let Ok(Some(mut t)) = track::load(self.hub.store.as_ref(), id) {
-                    for f in &failed {
-                        t.fail(&f.address, &f.diagnostic, Hub::now());
-                    }
-                    let _ = track::save(self.hub.store.as_ref(), &t);
+            let store = self.hub.store.as_ref();
+            let _tracking = self.hub.lock_tracking();
+            let mut tracking =
+                job.message_id
+                    .as_deref()
+                    .and_then(|id| match track::load(store, id) {
+                        Ok(t) => t,
+                        Err(e) => {
+                            tracing::error!(job = %job.id, "tracking record {id}: {e}");
+                            None
+                        }
+                    });
+            // Failed here means no MDN will ever come: later ones are
+            // suppressed. A recipient the sender has heard of already (the
+            // notification timeout ran out while delivery was still being
+            // retried) is not reported a second time.
+            let now = Hub::now();
+            let failed: Vec<FailedRecipient> = failed
+                .into_iter()
+                .filter(|f| {
+                    tracking.as_mut().is_none_or(|t| {
+                        t.fail(&f.address, &f.diagnostic, now) != track::Applied::Suppressed
+                    })
+                })
+                .collect();
+            if failed.is_empty() {
+                tracing::info!(job = %job.id, to = %job.mail_from, "no DSN: the sender has heard of every failed recipient already");
+            } else {
+                let original = store.read(&job.spool).unwrap_or_default();
+                if !self.deliver_dsn(&job.mail_from, &original, &failed, job.created) {
+                    return;
                 }
             }
-            let original = self.hub.store.read(&job.spool).unwrap_or_default();
-            if !self.deliver_dsn(&job.mail_from, &original, &failed, job.created) {
-                return;
+            if let Some(t) = &tracking {
+                if let Err(e) = track::save(store, t) {
+                    tracing::error!(job = %job.id, "saving the tracking record: {e}");
+                }
             }
             job.dsn_sent = true;
-            if self.hub.store.update_job(&job).is_err() {
+            if store.update_job(&job).is_err() {
                 return;
             }
         }

@@ -93,6 +93,10 @@ pub struct Hub {
     pub(crate) memory: Arc<crate::budget::MemoryBudget>,
     /// Outgoing messages still waiting for MDNs, by deadline.
     pub(crate) deadlines: track::Deadlines,
+    /// Held while a tracking record is read, changed and written, so that of
+    /// two reports of one failure (a timeout and an expired delivery, a
+    /// remote DSN) only one finds it the first.
+    tracking: Mutex<()>,
 }
 
 pub(crate) fn audit(event: &str, detail: &str) {
@@ -173,6 +177,11 @@ impl Hub {
 
     pub(crate) fn now() -> i64 {
         agent::now()
+    }
+
+    /// Taken around each read-change-write of a tracking record.
+    pub(crate) fn lock_tracking(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.tracking.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub(crate) fn agent(&self) -> Arc<Agent> {
@@ -602,12 +611,24 @@ impl Hub {
 
     /// An MDN or DSN for a message we sent: update the tracking, and pass
     /// it to the edge sender when wanted. Never answered with an MDN.
+    ///
+    /// Passed on: an MDN that moved a recipient on, when the original asked
+    /// for notifications (Disposition-Notification-To), and a failed one in
+    /// any case (it is the recipient's first failure); a DSN reporting
+    /// something new about at least one recipient. Suppressed: anything
+    /// about recipients that had failed already (the sender heard of that
+    /// once), duplicates, and an MDN about a message we do not track (we
+    /// cannot tell whether its sender asked for it). A DSN about a message
+    /// we do not track, or naming a recipient we cannot match, is passed
+    /// on: a failure report is the sender's to read, and none of ours can
+    /// have preceded it.
     fn receive_notification(&self, rcpts: &[DirectAddress], message: &[u8]) -> Result<(), Reply> {
         let now = Self::now();
         let store_err =
             |e: StoreError| Reply::new(451, "4.3.0", format!("local storage error: {e}"));
-        let mut deliver = true;
+        let mut deliver = false;
         if let Some(m) = mdn::parse_mdn(message) {
+            let _tracking = self.lock_tracking();
             match track::load(self.store.as_ref(), &m.original_message_id).map_err(store_err)? {
                 Some(mut t) => {
                     let applied = t.apply_mdn(&m.final_recipient, m.disposition, now);
@@ -618,33 +639,62 @@ impl Hub {
                         outcome = ?applied,
                         "MDN received"
                     );
-                    deliver = applied == track::Applied::Recorded && t.relay_mdns;
+                    // A first failure is the sender's to hear of, asked or not.
+                    let failure =
+                        matches!(m.disposition, Disposition::Failed | Disposition::Deleted);
+                    deliver = applied == track::Applied::Recorded && (t.relay_mdns || failure);
                     track::save(self.store.as_ref(), &t).map_err(store_err)?;
                 }
-                None => {
-                    tracing::info!(original = %m.original_message_id, "MDN for a message we do not track")
-                }
+                None => tracing::info!(
+                    original = %m.original_message_id,
+                    recipient = %m.final_recipient,
+                    disposition = m.disposition.as_str(),
+                    outcome = ?track::Applied::Unknown,
+                    "MDN received for a message we do not track: not passed on"
+                ),
             }
-        } else if let Some(failed) = notify::dsn::parse_dsn(message) {
+        } else if let Some(reported) = notify::dsn::parse_dsn(message) {
             let original = message_id_of_report(message);
-            if let Some(id) = &original {
-                if let Some(mut t) = track::load(self.store.as_ref(), id).map_err(store_err)? {
-                    for (addr, action, status, why) in &failed {
-                        if action == "failed" {
-                            t.fail(
-                                addr,
-                                &format!("DSN {status}: {}", why.clone().unwrap_or_default()),
-                                now,
-                            );
-                        }
-                    }
+            let _tracking = self.lock_tracking();
+            let tracked = match &original {
+                Some(id) => track::load(self.store.as_ref(), id).map_err(store_err)?,
+                None => None,
+            };
+            let outcome = match tracked {
+                Some(mut t) => {
+                    let applied: Vec<track::Applied> = reported
+                        .iter()
+                        .map(|(addr, action, status, why)| {
+                            let why = format!("{status}: {}", why.clone().unwrap_or_default());
+                            t.apply_dsn(addr, action, &why, now)
+                        })
+                        .collect();
                     track::save(self.store.as_ref(), &t).map_err(store_err)?;
+                    // Suppressed only when every recipient it names is one
+                    // the sender has heard about: one we cannot match (the
+                    // other side may name the recipient differently) is
+                    // passed on rather than lost.
+                    if applied.contains(&track::Applied::Recorded) {
+                        track::Applied::Recorded
+                    } else if applied.is_empty() || applied.contains(&track::Applied::Unknown) {
+                        track::Applied::Unknown
+                    } else {
+                        track::Applied::Suppressed
+                    }
                 }
-            }
+                None => track::Applied::Unknown,
+            };
+            deliver = outcome != track::Applied::Suppressed;
             tracing::info!(
                 original = original.as_deref().unwrap_or("-"),
+                outcome = ?outcome,
+                passed_on = deliver,
                 "DSN received"
             );
+        } else {
+            // A report of another type, or one we cannot read: the
+            // recipient's to read.
+            deliver = true;
         }
         if deliver {
             let id = message_id_of(message);
@@ -1199,6 +1249,7 @@ impl Daemon {
             per_ip: Mutex::new(HashMap::new()),
             memory,
             deadlines: track::Deadlines::default(),
+            tracking: Mutex::new(()),
             changes: tokio::sync::broadcast::channel(256).0,
             config_path: config_file.map(Path::to_path_buf),
             revocation: crate::trust::revocation::RevocationChecker::new(

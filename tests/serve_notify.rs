@@ -2,8 +2,9 @@
 //! Delivery Notification in Direct): B answers with a processed MDN, and
 //! with a dispatched MDN once Bob's client fetched the whole message over
 //! IMAP (peeking or not) when timely and reliable delivery was asked; A
-//! records them; with B down, Alice gets a failure DSN after the
-//! (shortened) timeout; nobody answers an MDN.
+//! records them; with B down, Alice hears of the failure once, after the
+//! (shortened) timeout; late and unasked-for notifications are not passed
+//! on; nobody answers an MDN.
 
 mod common;
 
@@ -169,14 +170,111 @@ fn processed_and_dispatched_mdns_reach_the_sender_and_are_tracked() {
     drop(net.bind.take());
 }
 
+/// Submits `messages` on `node` as `user` (envelope sender too).
+fn submit_as(
+    node: &Node,
+    user: &str,
+    password: &str,
+    messages: &serde_json::Value,
+) -> Vec<serde_json::Value> {
+    use std::io::Write;
+    let mut child = Command::new("python3")
+        .args([
+            "-c",
+            SUBMIT_PY,
+            &node.submission_port.to_string(),
+            user,
+            password,
+            user,
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3");
+    if let Some(mut input) = child.stdin.take() {
+        input
+            .write_all(messages.to_string().as_bytes())
+            .expect("smtplib input");
+    }
+    let out = child.wait_with_output().expect("python3 output");
+    assert!(
+        out.status.success(),
+        "smtplib: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect()
+}
+
+/// A failure DSN from Bob's side about a message Alice sent him.
+fn failure_dsn_from_bob(original_id: &str) -> Vec<u8> {
+    let original =
+        format!("From: {ALICE}\r\nTo: {BOB}\r\nSubject: test\r\nMessage-ID: {original_id}\r\n\r\n");
+    hispd::notify::dsn::build_dsn(
+        &hispd::notify::dsn::DsnRequest {
+            reporting_mta: "ehr.b.example",
+            original_sender: ALICE,
+            original_message: original.as_bytes(),
+            recipients: &[hispd::notify::dsn::FailedRecipient {
+                address: BOB.into(),
+                status: "5.1.1".into(),
+                action: hispd::notify::dsn::Action::Failed,
+                diagnostic: "no such patient mailbox".into(),
+                remote_mta: None,
+            }],
+            arrival_date: None,
+        },
+        BOB,
+    )
+}
+
+/// Stops both daemons when only A's store is read afterwards. B is killed:
+/// that also drops its cached connections into A, which A's orderly stop
+/// would otherwise wait for (up to 30 s).
+fn stop_reading_only_a(net: &mut Net) {
+    net.b.kill9();
+    net.a.stop();
+}
+
+fn mailbox(node: &Node, address: &str) -> Vec<Vec<u8>> {
+    let list = node.cli(&["mailbox", "list", address], b"");
+    String::from_utf8_lossy(&list.stdout)
+        .lines()
+        .filter_map(|l| l.split('\t').next())
+        .filter(|uid| !uid.is_empty())
+        .map(|uid| node.cli(&["mailbox", "show", address, uid], b"").stdout)
+        .collect()
+}
+
+/// With B down, Alice hears of the failure once: the notification timeout
+/// reports it, and neither the delivery giving up later nor a failure DSN
+/// from the other side reports it again. Notifications about messages A
+/// never sent: a DSN reaches Alice, an MDN does not.
 #[test]
-fn without_an_mdn_in_time_the_sender_gets_a_failure_dsn() {
+fn without_an_mdn_in_time_the_sender_hears_of_the_failure_once() {
     let mut net = Net::new(|b| b.mx_port);
     net.b.stop();
+    let out = net.b.cli(
+        &["users", "add", BOB],
+        format!("{BOB_PASSWORD}\n").as_bytes(),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     net.a.stop();
+    // The timeout (after 1 s) runs out well before the delivery gives up:
+    // retries 1, 2, 4 s apart, the first after 4 s at the attempt 7 s in.
     net.a
         .env
-        .push(("HISPD__NOTIFY__MDN_TIMEOUT_SECS".into(), "3".into()));
+        .push(("HISPD__NOTIFY__MDN_TIMEOUT_SECS".into(), "1".into()));
+    net.a
+        .env
+        .push(("HISPD__DELIVERY__MAX_AGE_SECS".into(), "4".into()));
     net.a.start();
     let results = submit(
         net.a.submission_port,
@@ -191,30 +289,86 @@ fn without_an_mdn_in_time_the_sender_gets_a_failure_dsn() {
     );
     assert!(net.a.wait_log(Duration::from_secs(10), |l| l
         .contains("DSN delivered to the sender")));
-    net.a.stop();
-    let list = net.a.cli(&["mailbox", "list", ALICE], b"");
-    let list = String::from_utf8_lossy(&list.stdout).to_string();
-    let uid = list
-        .split_whitespace()
-        .next()
-        .expect("a DSN for Alice")
-        .to_string();
-    let shown = net.a.cli(&["mailbox", "show", ALICE, &uid], b"");
-    let dsn = hispd::notify::dsn::parse_dsn(&shown.stdout).expect("a DSN");
-    assert_eq!(dsn[0].0, BOB);
     assert!(
-        dsn[0]
+        net.a.wait_log(Duration::from_secs(30), |l| l.contains(
+            "no DSN: the sender has heard of every failed recipient already"
+        )),
+        "the expired delivery is not reported again:\n{}",
+        net.a.log_text()
+    );
+    assert_eq!(
+        count(&net.a.log_text(), "DSN delivered to the sender"),
+        1,
+        "{}",
+        net.a.log_text()
+    );
+
+    // B is back; Bob's side reports the failure too (late), and sends a
+    // DSN and an MDN about messages A never sent.
+    net.b.start();
+    let mdn = hispd::notify::mdn::build_mdn(&hispd::notify::mdn::MdnRequest {
+        from: BOB,
+        to: ALICE,
+        original_message_id: "<never-sent-2@a.example>",
+        original_subject: None,
+        disposition: hispd::notify::mdn::Disposition::Processed,
+        reporting_ua: "ehr.b.example; test",
+        final_destination_delivery: false,
+        error: None,
+    });
+    let text = |m: Vec<u8>| String::from_utf8(m).expect("ASCII report");
+    let results = submit_as(
+        &net.b,
+        BOB,
+        BOB_PASSWORD,
+        &serde_json::json!([
+            {"id": "late", "to": [ALICE], "data": text(failure_dsn_from_bob("<lost-1@a.example>"))},
+            {"id": "untracked-dsn", "to": [ALICE], "data": text(failure_dsn_from_bob("<never-sent-1@a.example>"))},
+            {"id": "untracked-mdn", "to": [ALICE], "data": text(mdn)},
+        ]),
+    );
+    assert!(results.iter().all(|r| r["ok"] == true), "{results:?}");
+    assert!(
+        net.a.wait_log(Duration::from_secs(60), |l| {
+            count(l, "DSN received") == 2
+                && count(l, "MDN received for a message we do not track") == 1
+        }),
+        "A:\n{}\nB:\n{}",
+        net.a.log_text(),
+        net.b.log_text()
+    );
+    stop_reading_only_a(&mut net);
+
+    let reports: Vec<_> = mailbox(&net.a, ALICE)
+        .iter()
+        .map(|m| {
+            let dsn = hispd::notify::dsn::parse_dsn(m).expect("only DSNs reach Alice");
+            (String::from_utf8_lossy(m).to_string(), dsn)
+        })
+        .collect();
+    assert_eq!(reports.len(), 2, "{reports:#?}");
+    // Ours, for the timeout.
+    let (_, ours) = &reports[0];
+    assert_eq!(ours[0].0, BOB);
+    assert!(
+        ours[0]
             .3
             .as_deref()
             .unwrap_or_default()
             .contains("no processed MDN"),
-        "{dsn:?}"
+        "{ours:?}"
     );
+    // Theirs, about a message A never sent: passed on.
+    let (theirs, _) = &reports[1];
+    assert!(theirs.contains("<never-sent-1@a.example>"), "{theirs}");
+
     let track = net.a.cli(&["track", "<lost-1@a.example>"], b"");
-    assert!(
-        String::from_utf8_lossy(&track.stdout).contains("Failed"),
-        "{}",
-        String::from_utf8_lossy(&track.stdout)
+    let timeline = String::from_utf8_lossy(&track.stdout).to_string();
+    assert!(timeline.contains("Failed"), "{timeline}");
+    assert_eq!(
+        timeline.matches("failure suppressed").count(),
+        2,
+        "the expired delivery and the late DSN: {timeline}"
     );
     drop(net.bind.take());
 }

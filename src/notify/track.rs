@@ -51,6 +51,7 @@ pub enum Applied {
     /// State moved on; relay it to the edge if it asked.
     Recorded,
     /// The recipient had already failed, or got this state already: suppress.
+    /// For a failure: the sender has heard of one already.
     Suppressed,
     /// We never sent that message (or forgot it).
     Unknown,
@@ -122,20 +123,54 @@ impl Tracking {
         Applied::Recorded
     }
 
-    /// Records a failure (DSN, delivery failure, timeout); false if already final.
-    pub fn fail(&mut self, recipient: &str, why: &str, at: i64) -> bool {
+    /// Records a failure (a DSN, a failed delivery, a timeout):
+    /// [`Applied::Recorded`] when it is the recipient's first, so the sender
+    /// is to hear of it; [`Applied::Suppressed`] when the recipient had
+    /// failed already or was dispatched (noted in the timeline);
+    /// [`Applied::Unknown`] when it is not a recipient of this message.
+    pub fn fail(&mut self, recipient: &str, why: &str, at: i64) -> Applied {
         let Some(r) = self.recipient(recipient) else {
-            return false;
+            return Applied::Unknown;
         };
-        if matches!(r.state, State::Failed) || (r.state == State::Dispatched) {
-            return false;
+        if matches!(r.state, State::Failed | State::Dispatched) {
+            r.events.push(Event {
+                at,
+                what: format!("failure suppressed (late or duplicate): {why}"),
+            });
+            return Applied::Suppressed;
         }
         r.state = State::Failed;
         r.events.push(Event {
             at,
             what: format!("failed: {why}"),
         });
-        true
+        Applied::Recorded
+    }
+
+    /// Applies one recipient of a DSN from the other side (`action` as RFC
+    /// 3464 has it): a failure as [`Tracking::fail`]; any other action
+    /// (delayed, delivered, relayed, expanded) is news unless the recipient
+    /// already failed.
+    pub fn apply_dsn(&mut self, recipient: &str, action: &str, why: &str, at: i64) -> Applied {
+        let action = action.trim().to_ascii_lowercase();
+        if action == "failed" {
+            return self.fail(recipient, &format!("DSN {why}"), at);
+        }
+        let Some(r) = self.recipient(recipient) else {
+            return Applied::Unknown;
+        };
+        if r.state == State::Failed {
+            r.events.push(Event {
+                at,
+                what: format!("{action} DSN suppressed (after a failure): {why}"),
+            });
+            return Applied::Suppressed;
+        }
+        r.events.push(Event {
+            at,
+            what: format!("{action} DSN received: {why}"),
+        });
+        Applied::Recorded
     }
 
     pub fn note(&mut self, recipient: &str, what: &str, at: i64) {
@@ -332,6 +367,31 @@ mod tests {
     }
 
     #[test]
+    fn a_dsn_from_the_other_side_is_news_until_the_recipient_failed() {
+        let mut t = Tracking::new("<m@a>", "alice@a", &["bob@b".into()], 100);
+        assert_eq!(
+            t.apply_dsn("bob@b", "delayed", "4.4.1: still trying", 110),
+            Applied::Recorded
+        );
+        assert_eq!(t.recipients[0].state, State::Pending);
+        assert_eq!(
+            t.apply_dsn("<Bob@B>", "Failed", "5.1.1: no such user", 120),
+            Applied::Recorded
+        );
+        assert_eq!(t.recipients[0].state, State::Failed);
+        assert_eq!(
+            t.apply_dsn("bob@b", "failed", "5.1.1: no such user", 130),
+            Applied::Suppressed,
+            "duplicate"
+        );
+        assert_eq!(
+            t.apply_dsn("carol@b", "failed", "5.1.1: no such user", 130),
+            Applied::Unknown
+        );
+        assert!(t.timeline().contains("failed: DSN 5.1.1: no such user"));
+    }
+
+    #[test]
     fn states_advance_and_late_notifications_are_suppressed() {
         let mut t = Tracking::new("<m@a>", "alice@a", &["Bob@B".into(), "carol@b".into()], 100);
         t.timely = true;
@@ -356,13 +416,36 @@ mod tests {
         let overdue = t.overdue(200, 60);
         assert_eq!(overdue.len(), 1);
         assert_eq!(overdue[0].0, "carol@b");
-        assert!(t.fail("carol@b", "no processed MDN", 200));
+        assert_eq!(
+            t.fail("carol@b", "no processed MDN", 200),
+            Applied::Recorded
+        );
         assert_eq!(
             t.apply_mdn("carol@b", Disposition::Processed, 300),
             Applied::Suppressed,
             "late after failure"
         );
+        // The sender hears of a recipient's failure once, whoever reports it.
+        assert_eq!(
+            t.fail("carol@b", "delivery time expired", 400),
+            Applied::Suppressed
+        );
+        assert_eq!(
+            t.apply_dsn("carol@b", "failed", "5.1.1 no such user", 500),
+            Applied::Suppressed
+        );
+        assert_eq!(
+            t.apply_dsn("carol@b", "delayed", "4.4.1 still trying", 500),
+            Applied::Suppressed
+        );
+        assert_eq!(
+            t.fail("bob@b", "a DSN after the dispatched MDN", 500),
+            Applied::Suppressed
+        );
+        assert_eq!(t.fail("dave@b", "never a recipient", 500), Applied::Unknown);
         assert!(t.is_settled());
-        assert!(t.timeline().contains("suppressed"));
+        assert!(t
+            .timeline()
+            .contains("failure suppressed (late or duplicate)"));
     }
 }
