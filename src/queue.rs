@@ -237,6 +237,18 @@ impl Worker {
                     r.attempts,
                     r.last_error.clone().unwrap_or_default()
                 ));
+                // Given up on the edge relay after temporary failures: as
+                // final as a refusal, and the sender hears it the same way.
+                if job.kind == JobKind::EdgeRelay {
+                    self.final_destination_mdn(
+                        &job.mail_from,
+                        job.message_id.as_deref(),
+                        &r.address,
+                        Disposition::Failed,
+                        r.last_error.clone(),
+                        mdn::wants_final_delivery(&message),
+                    );
+                }
             }
         }
         // A job that is done with nothing to report is removed at once: one
@@ -517,20 +529,42 @@ impl Worker {
                 Outcome::PermanentFailure(why) => Some((Disposition::Failed, Some(why.clone()))),
                 _ => None,
             };
-            if let (Some((disposition, error)), Some(original)) =
-                (disposition, job.message_id.clone())
-            {
-                self.hub.send_mdn(&MdnToSend {
-                    from: r.address.clone(),
-                    to: job.mail_from.clone(),
-                    original_message_id: original,
-                    subject: None,
+            if let Some((disposition, error)) = disposition {
+                self.final_destination_mdn(
+                    &job.mail_from,
+                    job.message_id.as_deref(),
+                    &r.address,
                     disposition,
-                    final_destination_delivery: timely,
                     error,
-                });
+                    timely,
+                );
             }
         }
+    }
+
+    /// As the receiving HISP: tells the sender that the message to
+    /// `recipient` reached the edge relay (dispatched) or never will (failed).
+    fn final_destination_mdn(
+        &self,
+        sender: &str,
+        original_message_id: Option<&str>,
+        recipient: &str,
+        disposition: Disposition,
+        error: Option<String>,
+        timely: bool,
+    ) {
+        let Some(original) = original_message_id else {
+            return;
+        };
+        self.hub.send_mdn(&MdnToSend {
+            from: recipient.to_string(),
+            to: sender.to_string(),
+            original_message_id: original.to_string(),
+            subject: None,
+            disposition,
+            final_destination_delivery: timely,
+            error,
+        });
     }
 
     /// MX hosts of `domain` (or the smart host), as "host:port" in order.

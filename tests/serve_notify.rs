@@ -1,10 +1,11 @@
 //! Delivery notifications between two HISPs (Implementation Guide for
 //! Delivery Notification in Direct): B answers with a processed MDN, and
 //! with a dispatched MDN once Bob's client fetched the whole message over
-//! IMAP (peeking or not) when timely and reliable delivery was asked; A
-//! records them; with B down, Alice hears of the failure once, after the
-//! (shortened) timeout; late and unasked-for notifications are not passed
-//! on; nobody answers an MDN.
+//! IMAP (peeking or not) when timely and reliable delivery was asked, or a
+//! failed MDN when its edge relay never takes it; A records them; with B
+//! down, Alice hears of the failure once, after the (shortened) timeout;
+//! late and unasked-for notifications are not passed on; nobody answers an
+//! MDN.
 
 mod common;
 
@@ -573,5 +574,54 @@ fn mdns_are_relayed_to_the_edge_sender_when_asked() {
     let mdn = hispd::notify::mdn::parse_mdn(&shown.stdout).expect("an MDN");
     assert_eq!(mdn.original_message_id, "<dnt-1@a.example>");
     assert_eq!(mdn.disposition, hispd::notify::mdn::Disposition::Processed);
+    drop(net.bind.take());
+}
+
+/// B relays received mail to an EHR that never answers: when B gives up
+/// after the (shortened) maximum age, Alice, who asked for timely and
+/// reliable delivery, gets a failed MDN, and A tracks the recipient failed.
+/// She did not ask for MDNs as such: the processed one is not passed on.
+#[test]
+fn an_edge_relay_that_stays_down_gives_the_sender_a_failed_mdn() {
+    let unreachable = format!("127.0.0.1:{}", common::servers::free_port());
+    let mut net = Net::with_edge_relay(|b| b.mx_port, Some(unreachable));
+    net.b.stop();
+    net.b
+        .env
+        .push(("HISPD__DELIVERY__MAX_AGE_SECS".into(), "2".into()));
+    net.b.start();
+    let results = submit(
+        net.a.submission_port,
+        &serde_json::json!([timely_message("relay-down-1")]),
+    );
+    assert_eq!(results[0]["ok"], true, "{results:?}");
+    assert!(
+        net.a.wait_log(Duration::from_secs(60), |l| l
+            .lines()
+            .any(|x| x.contains("MDN received")
+                && x.contains("failed")
+                && x.contains("Recorded"))),
+        "A:\n{}\nB:\n{}",
+        net.a.log_text(),
+        net.b.log_text()
+    );
+    stop_reading_only_a(&mut net);
+    // Alice did not ask for MDNs (no Disposition-Notification-To): the
+    // processed one stays with A, the failure reaches her all the same.
+    let mailbox = mailbox(&net.a, ALICE);
+    assert_eq!(mailbox.len(), 1, "{mailbox:?}");
+    let mdn = hispd::notify::mdn::parse_mdn(&mailbox[0]).expect("an MDN");
+    assert_eq!(mdn.original_message_id, "<relay-down-1@a.example>");
+    assert_eq!(mdn.disposition, hispd::notify::mdn::Disposition::Failed);
+    let text = String::from_utf8_lossy(&mailbox[0]);
+    assert!(
+        text.contains("delivery time expired"),
+        "B gave up after temporary failures, not on a refusal: {text}"
+    );
+    let track = net
+        .a
+        .cli(&["track", "<relay-down-1@a.example>", "--json"], b"");
+    let t: serde_json::Value = serde_json::from_slice(&track.stdout).expect("json");
+    assert_eq!(t["recipients"][0]["state"], "failed", "{t:#}");
     drop(net.bind.take());
 }
