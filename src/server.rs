@@ -798,14 +798,18 @@ impl Hub {
             Ok(s) => s,
             Err(e) => return Reply::new(451, "4.3.0", format!("local storage error: {e}")),
         };
-        if let Some(id) = message_id_of(&message) {
+        let headers = MessageParser::default().parse_headers(&message);
+        // A DSN or MDN an edge client sends is tracked by nobody: no MDN
+        // ever answers it, so tracking would end in a false failure.
+        let notification = headers
+            .as_ref()
+            .is_some_and(notify::dsn::is_notification_report);
+        if let Some(id) = message_id_of(&message).filter(|_| !notification) {
             let mut t =
                 track::Tracking::new(&id, &envelope.mail_from, &envelope.rcpt_to, Self::now());
             t.timely = mdn::wants_final_delivery(&message);
             t.relay_mdns = has_header(&message, "Disposition-Notification-To");
-            t.subject = MessageParser::default()
-                .parse_headers(&message)
-                .and_then(|m| m.subject().map(str::to_string));
+            t.subject = headers.and_then(|m| m.subject().map(str::to_string));
             // Durable with the job, committed (and flushed) just below.
             if let Err(e) = track::save_deferred(self.store.as_ref(), &t) {
                 return Reply::new(451, "4.3.0", format!("local storage error: {e}"));

@@ -318,14 +318,19 @@ fn without_an_mdn_in_time_the_sender_hears_of_the_failure_once() {
         error: None,
     });
     let text = |m: Vec<u8>| String::from_utf8(m).expect("ASCII report");
+    let reports_from_bob = [
+        text(failure_dsn_from_bob("<lost-1@a.example>")),
+        text(failure_dsn_from_bob("<never-sent-1@a.example>")),
+        text(mdn),
+    ];
     let results = submit_as(
         &net.b,
         BOB,
         BOB_PASSWORD,
         &serde_json::json!([
-            {"id": "late", "to": [ALICE], "data": text(failure_dsn_from_bob("<lost-1@a.example>"))},
-            {"id": "untracked-dsn", "to": [ALICE], "data": text(failure_dsn_from_bob("<never-sent-1@a.example>"))},
-            {"id": "untracked-mdn", "to": [ALICE], "data": text(mdn)},
+            {"id": "late", "to": [ALICE], "data": reports_from_bob[0]},
+            {"id": "untracked-dsn", "to": [ALICE], "data": reports_from_bob[1]},
+            {"id": "untracked-mdn", "to": [ALICE], "data": reports_from_bob[2]},
         ]),
     );
     assert!(results.iter().all(|r| r["ok"] == true), "{results:?}");
@@ -339,6 +344,22 @@ fn without_an_mdn_in_time_the_sender_hears_of_the_failure_once() {
         net.b.log_text()
     );
     stop_reading_only_a(&mut net);
+    // B tracks none of the reports Bob sent: no MDN ever answers a report,
+    // so tracking one would only end in a false failure DSN to Bob.
+    for report in &reports_from_bob {
+        let id = report
+            .lines()
+            .find_map(|l| l.strip_prefix("Message-ID: "))
+            .unwrap_or_else(|| panic!("a Message-ID: {report}"))
+            .trim();
+        let out = net.b.cli(&["track", id], b"");
+        assert!(
+            !out.status.success()
+                && String::from_utf8_lossy(&out.stderr).contains("is not a message this HISP sent"),
+            "B must not track the report {id}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
 
     let reports: Vec<_> = mailbox(&net.a, ALICE)
         .iter()

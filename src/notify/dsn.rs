@@ -234,23 +234,28 @@ pub fn is_report(message: &[u8]) -> bool {
     let Some(parsed) = MessageParser::default().parse(message) else {
         return false;
     };
-    let Some(report) = unwrap_report(&parsed) else {
-        return false;
-    };
-    report
-        .content_type()
-        .and_then(|ct| ct.attribute("report-type"))
-        .is_some_and(|kind| {
-            let kind = kind.trim();
-            [
-                "delivery-status",
-                "global-delivery-status",
-                "disposition-notification",
-                "global-disposition-notification",
-            ]
-            .iter()
-            .any(|k| kind.eq_ignore_ascii_case(k))
-        })
+    unwrap_report(&parsed).is_some_and(is_notification_report)
+}
+
+/// `message`'s own header (no parsing of the body) says it is a DSN or an
+/// MDN: multipart/report with a delivery-status or disposition-notification
+/// report type. For messages parsed with `parse_headers`.
+pub fn is_notification_report(message: &Message<'_>) -> bool {
+    is_multipart_report(message)
+        && message
+            .content_type()
+            .and_then(|ct| ct.attribute("report-type"))
+            .is_some_and(|kind| {
+                let kind = kind.trim();
+                [
+                    "delivery-status",
+                    "global-delivery-status",
+                    "disposition-notification",
+                    "global-disposition-notification",
+                ]
+                .iter()
+                .any(|k| kind.eq_ignore_ascii_case(k))
+            })
 }
 
 /// The multipart/report message itself, or the one inside a top-level
