@@ -483,7 +483,7 @@ impl Worker {
         let domain = domain_of(&first);
         let Some(relay) = self
             .hub
-            .edge_routes
+            .edge_routes()
             .relay_for(&domain, &first)
             .map(str::to_string)
         else {

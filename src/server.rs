@@ -87,7 +87,8 @@ pub struct Hub {
     pub(crate) config_path: Option<std::path::PathBuf>,
     /// CRLs and AIA for signers on receipt (cached across messages).
     pub(crate) revocation: crate::trust::revocation::RevocationChecker,
-    pub(crate) edge_routes: EdgeRoutes,
+    /// Replaced on reload, like the agent and discovery.
+    edge_routes: RwLock<Arc<EdgeRoutes>>,
     pub(crate) per_ip: Mutex<HashMap<IpAddr, usize>>,
     /// `[delivery] memory_budget_mb`, shared by the queue and the listeners.
     pub(crate) memory: Arc<crate::budget::MemoryBudget>,
@@ -191,6 +192,13 @@ impl Hub {
             .unwrap_or_else(|e| e.into_inner().clone())
     }
 
+    pub(crate) fn edge_routes(&self) -> Arc<EdgeRoutes> {
+        self.edge_routes
+            .read()
+            .map(|r| r.clone())
+            .unwrap_or_else(|e| e.into_inner().clone())
+    }
+
     pub(crate) fn discovery(&self) -> Arc<Discovery> {
         self.discovery
             .read()
@@ -216,7 +224,10 @@ impl Hub {
                     if let Ok(mut d) = self.discovery.write() {
                         *d = Arc::new(discovery);
                     }
-                    tracing::info!("configuration, keys and anchors reloaded");
+                    if let Ok(mut r) = self.edge_routes.write() {
+                        *r = Arc::new(EdgeRoutes::new(&settings.domains));
+                    }
+                    tracing::info!("configuration, keys, anchors and edge routes reloaded");
                 }
                 Err(e) => tracing::error!("reload refused, keeping the running configuration: {e}"),
             },
@@ -310,10 +321,11 @@ impl Hub {
             let timely = mdn::wants_final_delivery(&opened.message);
             // Each recipient to its edge relay (per address, else per
             // domain) or, with none, to its mailbox: one job per relay.
+            let routes = self.edge_routes();
             let mut relayed: BTreeMap<&str, Vec<&DirectAddress>> = BTreeMap::new();
             let mut mailboxes = Vec::new();
             for r in &rcpts {
-                match self.edge_routes.relay_for(&domain, &r.to_string()) {
+                match routes.relay_for(&domain, &r.to_string()) {
                     Some(relay) => relayed.entry(relay).or_default().push(r),
                     None => mailboxes.push(r),
                 }
@@ -1183,7 +1195,7 @@ impl Daemon {
             .build_discovery(&agent)
             .map_err(|e| ServeError::Config(e.to_string()))?;
         let tls = tls_acceptor(&settings)?;
-        let edge_routes = EdgeRoutes::new(&settings.domains);
+        let edge_routes = RwLock::new(Arc::new(EdgeRoutes::new(&settings.domains)));
         let memory = Arc::new(crate::budget::MemoryBudget::new(
             settings.delivery.memory_budget,
         ));

@@ -315,8 +315,8 @@ fn received_mail_goes_decrypted_to_the_domains_edge_relay() {
     let other_ehr = common::sink::SmtpSink::start(&[]);
     let mut net = Net::with_edge_relay(|b| b.mx_port, Some(sink.addr.to_string()));
     // Per address, the route overrides the domain's edge relay: carol keeps
-    // a built-in mailbox, dave's mail goes to another EHR.
-    net.b.stop();
+    // a built-in mailbox, dave's mail goes to another EHR. Added to the
+    // running B's configuration, taken up on SIGHUP.
     let mut config = std::fs::read_to_string(&net.b.config).expect("config");
     config.push_str(&format!(
         "\n[[domains.routes]]\naddress = \"carol@b.example\"\ndeliver = \"mailbox\"\n\
@@ -324,7 +324,13 @@ fn received_mail_goes_decrypted_to_the_domains_edge_relay() {
         other_ehr.addr
     ));
     std::fs::write(&net.b.config, config).expect("config");
-    net.b.start();
+    net.b.hup();
+    assert!(
+        net.b.wait_log(Duration::from_secs(10), |l| l
+            .contains("edge routes reloaded")),
+        "{}",
+        net.b.log_text()
+    );
     const CAROL: &str = "carol@b.example";
     const DAVE: &str = "dave@b.example";
     let results = submit(
