@@ -21,6 +21,9 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     let _ = dsn::is_report(data);
+    if let Some(headers) = mail_parser::MessageParser::default().parse_headers(data) {
+        let _ = dsn::is_notification_report(&headers);
+    }
     if let Ok(entity) = Entity::parse(data) {
         let ct = entity.content_type();
         let _ = ct.param("boundary");
