@@ -11,7 +11,7 @@ use common::peers::openssl_decrypt;
 use common::servers::free_port;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -233,39 +233,13 @@ fn the_mx_refuses_unsigned_untrusted_and_relayed_mail_and_submission_needs_auth(
         "--out",
         &rogue_leaf.display().to_string(),
     ]);
-    let mut seal = Command::new(hispd)
-        .args([
-            "message",
-            "seal",
-            "--from",
-            ALICE,
-            "--to",
-            BOB,
-            "--sign-cert",
-        ])
-        .arg(rogue_leaf.join("cert.pem"))
-        .arg("--sign-key")
-        .arg(rogue_leaf.join("key.pem"))
-        .arg("--recipient-cert")
-        .arg(net.b.dir.join("certs/b.example/private/cert.pem"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("seal");
-    seal.stdin
-        .take()
-        .expect("stdin")
-        .write_all(b"From: alice@a.example\r\nTo: bob@b.example\r\nSubject: rogue\r\n\r\nfrom a rogue CA\r\n")
-        .expect("write");
-    let sealed = seal.wait_with_output().expect("seal output");
-    assert!(
-        sealed.status.success(),
-        "{}",
-        String::from_utf8_lossy(&sealed.stderr)
+    let sealed = seal_with_cli(
+        &rogue_leaf,
+        &net.b.dir.join("certs/b.example/private/cert.pem"),
+        b"From: alice@a.example\r\nTo: bob@b.example\r\nSubject: rogue\r\n\r\nfrom a rogue CA\r\n",
     );
     let sealed_path = root.join("untrusted.eml");
-    std::fs::write(&sealed_path, &sealed.stdout).expect("write");
+    std::fs::write(&sealed_path, &sealed).expect("write");
 
     let out = Command::new("python3")
         .args([

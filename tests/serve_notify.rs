@@ -171,45 +171,6 @@ fn processed_and_dispatched_mdns_reach_the_sender_and_are_tracked() {
     drop(net.bind.take());
 }
 
-/// Submits `messages` on `node` as `user` (envelope sender too).
-fn submit_as(
-    node: &Node,
-    user: &str,
-    password: &str,
-    messages: &serde_json::Value,
-) -> Vec<serde_json::Value> {
-    use std::io::Write;
-    let mut child = Command::new("python3")
-        .args([
-            "-c",
-            SUBMIT_PY,
-            &node.submission_port.to_string(),
-            user,
-            password,
-            user,
-        ])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("python3");
-    if let Some(mut input) = child.stdin.take() {
-        input
-            .write_all(messages.to_string().as_bytes())
-            .expect("smtplib input");
-    }
-    let out = child.wait_with_output().expect("python3 output");
-    assert!(
-        out.status.success(),
-        "smtplib: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("json line"))
-        .collect()
-}
-
 /// A failure DSN from Bob's side about a message Alice sent him.
 fn failure_dsn_from_bob(original_id: &str) -> Vec<u8> {
     let original =
@@ -324,7 +285,7 @@ fn without_an_mdn_in_time_the_sender_hears_of_the_failure_once() {
         text(mdn),
     ];
     let results = submit_as(
-        &net.b,
+        net.b.submission_port,
         BOB,
         BOB_PASSWORD,
         &serde_json::json!([

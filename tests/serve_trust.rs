@@ -253,45 +253,14 @@ fn a_revoked_certificate_neither_signs_nor_is_trusted_on_receipt() {
 
     // The same certificate used elsewhere (the CLI seals without asking the
     // CRL): B refuses what it signed, with that reason.
-    let mut seal = Command::new(hispd_bin())
-        .args([
-            "message",
-            "seal",
-            "--from",
-            ALICE,
-            "--to",
-            BOB,
-            "--sign-cert",
-        ])
-        .arg(private.join("cert.pem"))
-        .arg("--sign-key")
-        .arg(private.join("key.pem"))
-        .arg("--recipient-cert")
-        .arg(net.b.dir.join("certs/b.example/private/cert.pem"))
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("seal");
-    {
-        use std::io::Write;
-        seal.stdin
-            .take()
-            .expect("stdin")
-            .write_all(
-                b"From: alice@a.example\r\nTo: bob@b.example\r\nSubject: revoked\r\n\
-                  Message-ID: <revoked-cli@a.example>\r\n\r\nfrom a revoked key\r\n",
-            )
-            .expect("write");
-    }
-    let sealed = seal.wait_with_output().expect("seal output");
-    assert!(
-        sealed.status.success(),
-        "{}",
-        String::from_utf8_lossy(&sealed.stderr)
+    let sealed = seal_with_cli(
+        &private,
+        &net.b.dir.join("certs/b.example/private/cert.pem"),
+        b"From: alice@a.example\r\nTo: bob@b.example\r\nSubject: revoked\r\n\
+          Message-ID: <revoked-cli@a.example>\r\n\r\nfrom a revoked key\r\n",
     );
     let sealed_path = root.join("revoked.eml");
-    std::fs::write(&sealed_path, &sealed.stdout).expect("write");
+    std::fs::write(&sealed_path, &sealed).expect("write");
     let reply = send_to_mx(net.b.mx_port, &sealed_path);
     assert!(
         reply.starts_with("554") && reply.contains("[signer-revoked]") && reply.contains("revoked"),

@@ -317,15 +317,19 @@ s.quit()
 
 /// Submits messages as Alice; returns one JSON value per message.
 pub fn submit(port: u16, messages: &serde_json::Value) -> Vec<serde_json::Value> {
+    submit_as(port, ALICE, ALICE_PASSWORD, messages)
+}
+
+/// Submits messages as `user` (STARTTLS, AUTH, envelope sender `user`) to
+/// the submission port; returns one JSON value per message.
+pub fn submit_as(
+    port: u16,
+    user: &str,
+    password: &str,
+    messages: &serde_json::Value,
+) -> Vec<serde_json::Value> {
     let mut child = Command::new("python3")
-        .args([
-            "-c",
-            SUBMIT_PY,
-            &port.to_string(),
-            ALICE,
-            ALICE_PASSWORD,
-            ALICE,
-        ])
+        .args(["-c", SUBMIT_PY, &port.to_string(), user, password, user])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -344,6 +348,41 @@ pub fn submit(port: u16, messages: &serde_json::Value) -> Vec<serde_json::Value>
         .lines()
         .map(|l| serde_json::from_str(l).expect("json line"))
         .collect()
+}
+
+/// `hispd message seal` from Alice to Bob, signed with the credential saved
+/// in `signer` (cert.pem, key.pem), for `recipient_cert`; the sealed bytes.
+pub fn seal_with_cli(signer: &Path, recipient_cert: &Path, message: &[u8]) -> Vec<u8> {
+    let mut seal = Command::new(hispd_bin())
+        .args([
+            "message",
+            "seal",
+            "--from",
+            ALICE,
+            "--to",
+            BOB,
+            "--sign-cert",
+        ])
+        .arg(signer.join("cert.pem"))
+        .arg("--sign-key")
+        .arg(signer.join("key.pem"))
+        .arg("--recipient-cert")
+        .arg(recipient_cert)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("hispd message seal");
+    if let Some(mut input) = seal.stdin.take() {
+        input.write_all(message).expect("seal input");
+    }
+    let sealed = seal.wait_with_output().expect("seal output");
+    assert!(
+        sealed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sealed.stderr)
+    );
+    sealed.stdout
 }
 
 /// A message from Alice.
